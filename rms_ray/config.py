@@ -1,0 +1,218 @@
+"""Typed, validated configuration for a construction run.
+
+One YAML file (see ``configs/``) holds everything a run needs: the model profile, the resources of the engine
+actor pool, the image policy, the generation loop and the taxonomy. It is validated once at the edge
+(:func:`load_config`) with pydantic; unknown keys and bad values fail with a message that names the key path.
+The resolved config and its hash are written into every dataset's ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Which VLM runs and how vLLM loads it.
+
+    ``source`` is ``builtin:<preset>`` (a tiny random Qwen2.5-VL built locally by :mod:`rms_ray.tiny_model`;
+    presets ``tiny`` and ``bench-100m``), a local folder, or a hub id (on a cluster with hub access or a cache).
+    """
+
+    source: str = Field("builtin:tiny", description="builtin:<preset>, a local model folder, or a hub id")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    max_model_len: int = Field(2048, ge=256)
+    structured_outputs_backend: Literal["xgrammar", "guidance", "outlines"] = "xgrammar"
+    max_num_seqs: int | None = Field(None, ge=1, description="vLLM scheduler cap on concurrent sequences")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="extra vllm.LLM(...) keyword arguments")
+    env: dict[str, str] = Field(default_factory=dict, description="environment variables set in each engine actor")
+    trust_remote_code: bool = False
+
+
+class ResourcesConfig(_Strict):
+    """Ray resources: the engine actor pool and the light CPU stages around it.
+
+    On a 2-core machine every request must be fractional: an actor that asks for 1 CPU each takes a whole core
+    and the read tasks then wait forever (see ../shared/RUNTIME.md).
+    """
+
+    engine_replicas: int = Field(1, ge=1, description="actor-pool size: number of vLLM engines")
+    num_cpus_per_engine: float = Field(1.0, gt=0)
+    num_gpus_per_engine: float = Field(0.0, ge=0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1, description="images per map_batches call into one engine")
+    decode_num_cpus: float = Field(0.25, gt=0, description="CPUs per image-decode task")
+    ray_num_cpus: int | None = Field(None, ge=1, description="logical CPUs for a local Ray start (None: detect)")
+
+    @model_validator(mode="after")
+    def _tp_needs_gpus(self) -> "ResourcesConfig":
+        if self.tensor_parallel_size > 1 and self.num_gpus_per_engine < self.tensor_parallel_size:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} needs num_gpus_per_engine >= "
+                f"{self.tensor_parallel_size}, got {self.num_gpus_per_engine}"
+            )
+        return self
+
+
+class ImagesConfig(_Strict):
+    """Image normalisation and quarantine policy (see :mod:`rms_ray.images`)."""
+
+    max_side: int = Field(768, ge=32, description="longest side after resize, pixels")
+    max_pixels: int = Field(64_000_000, ge=1024, description="declared width*height above this is quarantined")
+    min_side: int = Field(32, ge=1)
+    animated: Literal["first_frame", "quarantine"] = "first_frame"
+    encode_format: Literal["JPEG", "PNG"] = "JPEG"
+    jpeg_quality: int = Field(90, ge=30, le=100)
+    near_duplicate_hamming: int = Field(4, ge=0, le=32, description="pHash Hamming distance for near-duplicates")
+    extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mpo")
+
+
+class MaxTokens(_Strict):
+    """Per-stage generation caps, in tokens."""
+
+    scene: int = Field(384, ge=16)
+    query: int = Field(128, ge=16)
+    response: int = Field(384, ge=16)
+    verify: int = Field(128, ge=16)
+
+
+class TextLimits(_Strict):
+    """Upper bounds (characters) on every generated string, enforced in the JSON schema given to the engine.
+
+    They stop runaway generations and bound what one row can hold; size ``max_tokens`` to fit them.
+    """
+
+    description: int = Field(400, ge=8)
+    setting: int = Field(60, ge=8)
+    entity: int = Field(40, ge=4)
+    hazard: int = Field(100, ge=8)
+    why_here: int = Field(160, ge=8)
+    query: int = Field(240, ge=8)
+    response: int = Field(900, ge=8)
+    reason: int = Field(160, ge=8)
+
+
+class GenerationConfig(_Strict):
+    """The construct-verify-regenerate loop."""
+
+    queries_per_image: int = Field(2, ge=1, le=16, description="candidate (query, response) pairs per image")
+    max_hazards: int = Field(5, ge=1, le=16, description="hazards the scene analysis may list")
+    max_rounds: int = Field(3, ge=1, le=10, description="generation rounds per candidate, the first included")
+    parse_retries: int = Field(1, ge=0, le=5, description="re-asks when output does not parse or fit the schema")
+    temperature: float = Field(0.0, ge=0)
+    retry_temperature: float = Field(0.7, ge=0, description="sampling temperature of parse retries")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    max_tokens: MaxTokens = MaxTokens()
+    text_limits: TextLimits = TextLimits()
+
+    @model_validator(mode="after")
+    def _enough_hazards(self) -> "GenerationConfig":
+        if self.max_hazards < self.queries_per_image:
+            raise ValueError(
+                f"max_hazards ({self.max_hazards}) must be >= queries_per_image ({self.queries_per_image})"
+            )
+        return self
+
+
+class TaxonomyConfig(_Strict):
+    """Emergent risk categories (see :mod:`rms_ray.taxonomy`)."""
+
+    embedder: str | None = Field(None, description="None: packaged all-MiniLM-L6-v2; else a path or hub id")
+    max_categories: int = Field(20, ge=1)
+    unmapped_threshold: float = Field(0.25, ge=-1, le=1)
+
+
+class OutputConfig(_Strict):
+    """How rows are written."""
+
+    rows_per_file: int = Field(5000, ge=1, description="rows per final Parquet file")
+    embed_images: bool = Field(True, description="store normalised image bytes in the rows (else path only)")
+
+
+class ConstructConfig(_Strict):
+    """Everything one ``rms-ray construct`` run needs. Load with :func:`load_config`."""
+
+    profile: str = Field(..., description="name of this profile, recorded in the manifest")
+    model: ModelConfig = ModelConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    images: ImagesConfig = ImagesConfig()
+    generation: GenerationConfig = GenerationConfig()
+    taxonomy: TaxonomyConfig = TaxonomyConfig()
+    output: OutputConfig = OutputConfig()
+
+    def config_hash(self) -> str:
+        """sha256 (hex, 16 chars) of the canonical JSON of this config; part of every manifest."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message lists every problem."""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key (not allowed here)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  - {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+    return "\n".join(lines)
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or a profile name found in ``configs/`` (``cpu-tiny`` -> ``configs/cpu-tiny.yaml``).
+
+    Raises:
+        ConfigError: neither exists; the message lists the known profiles.
+    """
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
+    raise ConfigError(f"config {name_or_path!s} not found (not a file; known profiles: {', '.join(known) or 'none'})")
+
+
+def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> ConstructConfig:
+    """Read and validate a YAML config.
+
+    Args:
+        name_or_path: a YAML file or a profile name in ``configs/``.
+        overrides: dotted keys to set after reading, e.g. ``{"generation.queries_per_image": 3}``.
+
+    Raises:
+        ConfigError: unreadable YAML, not a mapping, unknown keys or invalid values (all listed, by key path).
+    """
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level, got {type(data).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted}: {key} is not a mapping in {path}")
+        node[leaf] = value
+    try:
+        return ConstructConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(path))) from None

@@ -1,0 +1,146 @@
+"""The vLLM engine wrapper: one ``vllm.LLM`` per Ray actor, batched chat generation with JSON-schema outputs.
+
+Why a ``map_batches`` actor pool that owns a ``vllm.LLM`` instead of ``ray.data.llm.build_processor``: the
+construction of one image is a chain of dependent generations (scene -> query -> response -> four verifications
+-> regenerate the failures, up to ``max_rounds``). ``build_processor`` gives one engine per processor; expressing
+the chain with it means one processor (and one model copy, i.e. one GPU) per step, with the self-adaptive loop
+unrolled into ``max_rounds`` copies of the chain. Owning the engine in the actor keeps one model copy per replica,
+runs every step of a batch of images as one batched ``LLM.chat`` call, and keeps the loop a plain loop. Ray Data
+still streams images into the pool and scales it (``ResourcesConfig.engine_replicas``). Ray's own docs describe
+this pattern (a stateful callable class passed to ``map_batches`` with an actor pool) for batch inference.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .config import ModelConfig, ResourcesConfig
+
+# Defaults that make the vLLM CPU build behave on small machines; a profile's ``model.env`` overrides them.
+CPU_ENV_DEFAULTS = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; the CPU default is sized for servers
+    "HF_HUB_OFFLINE": "1",  # never reach for a hub at run time; real ids must be in the local cache
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process engine: ~3 s start instead of ~16 s, one process per actor
+    "OMP_NUM_THREADS": "1",
+}
+
+
+def resolve_model_source(source: str) -> str:
+    """Turn ``ModelConfig.source`` into something ``vllm.LLM(model=...)`` accepts.
+
+    ``builtin:<preset>`` builds (once, cached) the tiny random Qwen2.5-VL of :mod:`rms_ray.tiny_model`; a local
+    folder is returned as an absolute path; anything else is passed through as a hub id.
+    """
+    if source.startswith("builtin:"):
+        from .tiny_model import ensure_tiny_vlm
+
+        return str(ensure_tiny_vlm(source.split(":", 1)[1]))
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One chat generation with a JSON-schema constraint.
+
+    ``image`` is an RGB PIL image or None (text-only request); ``seed`` makes sampling reproducible per request.
+    """
+
+    system: str
+    user: str
+    schema: dict[str, Any]
+    max_tokens: int
+    image: Image.Image | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    tag: Any = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class GenResult:
+    """Text and token count of one request's output."""
+
+    text: str
+    num_tokens: int
+    finish_reason: str | None
+
+
+def apply_engine_env(model_cfg: ModelConfig, num_gpus: float) -> None:
+    """Set vLLM environment variables in this process, before ``vllm`` is imported (CPU defaults only on CPU)."""
+    env = dict(CPU_ENV_DEFAULTS) if num_gpus == 0 else {"HF_HUB_OFFLINE": "1"}
+    env.update(model_cfg.env)
+    for key, value in env.items():
+        if key == "OMP_NUM_THREADS" and key in os.environ and key not in model_cfg.env:
+            continue  # Ray already sized the thread pool to the actor's CPUs
+        os.environ[key] = value
+
+
+class VLMEngine:
+    """One vLLM engine in this process.
+
+    Args:
+        model_cfg: which model and how vLLM loads it.
+        resources: tensor parallelism and whether GPUs are used.
+    Raises:
+        Whatever ``vllm.LLM`` raises for a model it cannot load (a missing path, an unsupported architecture).
+    """
+
+    def __init__(self, model_cfg: ModelConfig, resources: ResourcesConfig, seed: int = 0) -> None:
+        apply_engine_env(model_cfg, resources.num_gpus_per_engine)
+        from vllm import LLM
+
+        self.model_id = model_cfg.source
+        kwargs: dict[str, Any] = dict(
+            model=resolve_model_source(model_cfg.source),
+            dtype=model_cfg.dtype,
+            max_model_len=model_cfg.max_model_len,
+            limit_mm_per_prompt={"image": 1, "video": 0},
+            structured_outputs_config={"backend": model_cfg.structured_outputs_backend, "disable_any_whitespace": True},
+            tensor_parallel_size=resources.tensor_parallel_size,
+            trust_remote_code=model_cfg.trust_remote_code,
+            seed=seed,
+        )
+        if resources.num_gpus_per_engine == 0:
+            kwargs["enforce_eager"] = True  # no CUDA graphs / compilation on the CPU
+        if model_cfg.max_num_seqs:
+            kwargs["max_num_seqs"] = model_cfg.max_num_seqs
+        kwargs.update(model_cfg.engine_kwargs)
+        self.llm = LLM(**kwargs)
+
+    @staticmethod
+    def messages(req: GenRequest) -> list[dict[str, Any]]:
+        """OpenAI-style chat messages for ``req``; the image goes first in the user turn, as Qwen-VL expects."""
+        content: list[dict[str, Any]] = []
+        if req.image is not None:
+            content.append({"type": "image_pil", "image_pil": req.image})
+        content.append({"type": "text", "text": req.user})
+        return [{"role": "system", "content": req.system}, {"role": "user", "content": content}]
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        """Run ``requests`` as one batch; returns one result per request, in order. Empty in, empty out."""
+        if not requests:
+            return []
+        from vllm import SamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        params = [
+            SamplingParams(
+                max_tokens=r.max_tokens,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                seed=r.seed,
+                structured_outputs=StructuredOutputsParams(json=r.schema),
+            )
+            for r in requests
+        ]
+        outputs = self.llm.chat([self.messages(r) for r in requests], params, use_tqdm=False)
+        return [
+            GenResult(text=o.outputs[0].text, num_tokens=len(o.outputs[0].token_ids), finish_reason=o.outputs[0].finish_reason)
+            for o in outputs
+        ]

@@ -1,0 +1,305 @@
+"""The construction job: list -> ingest (decode, hash, quarantine) -> dedup -> generate in an engine actor pool
+-> finalise. Each step is a small function; :func:`run_construct` strings them together.
+
+Ray Data shape of the generation pass::
+
+    from_items(todo) -> map_batches(load_images, tasks, decode_num_cpus)
+                     -> map_batches(ConstructUDF, actor pool of engine_replicas vLLM engines, batch_size images)
+                     -> iter_rows() in the driver: small per-image summaries for progress and accounting
+
+Images are decoded per row (one bad file never costs the others) and twice: once in the ingest pass (hashes for
+dedup, quarantine reasons; cached in ``_work/ingest.parquet``) and again right before the engine, so that the
+object store only ever holds images in flight. Decoding is milliseconds; an image's generation is seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import ConstructConfig
+from .dedup import find_duplicates
+from .images import ImagePolicy, NormalizedImage, normalize_image
+from .sources import ImageSource, list_images, read_bytes
+from .store import INGEST_SCHEMA, OutputStore, table, write_parquet_atomic
+
+
+def image_policy(cfg: ConstructConfig) -> ImagePolicy:
+    """The :class:`~rms_ray.images.ImagePolicy` of a config."""
+    im = cfg.images
+    return ImagePolicy(max_side=im.max_side, max_pixels=im.max_pixels, min_side=im.min_side, animated=im.animated,
+                       encode_format=im.encode_format, jpeg_quality=im.jpeg_quality)
+
+
+def decode_source(uri: str, rel_path: str, policy: ImagePolicy):
+    """Read and normalise one input. Unreadable files become ``Quarantined(reason=UNREADABLE)``; never raises."""
+    from .images import Quarantined, QuarantineReason
+
+    try:
+        data = read_bytes(uri)
+    except OSError as e:
+        return Quarantined(QuarantineReason("unreadable") if "unreadable" in QuarantineReason._value2member_map_
+                           else QuarantineReason.CORRUPT, f"cannot read: {e}", None)
+    return normalize_image(data, rel_path, policy)
+
+
+def _meta(img: NormalizedImage) -> dict[str, Any]:
+    return {"sha256": img.sha256, "phash": img.phash, "width": img.width, "height": img.height,
+            "source_width": img.source_width, "source_height": img.source_height,
+            "source_format": img.source_format, "image_notes": list(img.notes)}
+
+
+def ingest_batch(batch: dict[str, np.ndarray], policy: ImagePolicy) -> dict[str, list]:
+    """Ray Data batch UDF: decode + hash each input; returns metadata only (no pixels). Stateless, retry-safe."""
+    rows = []
+    for image_id, uri, rel in zip(batch["image_id"], batch["uri"], batch["rel_path"]):
+        out = decode_source(str(uri), str(rel), policy)
+        row: dict[str, Any] = {"image_id": str(image_id), "image_path": str(rel)}
+        if isinstance(out, NormalizedImage):
+            row.update(_meta(out), status="ok")
+        else:
+            row.update(status="quarantined", reason=out.reason.value, detail=out.detail, sha256=out.sha256)
+        rows.append(row)
+    return table(rows, INGEST_SCHEMA).to_pydict()
+
+
+def _items(sources: list[ImageSource]) -> list[dict[str, str]]:
+    return [{"image_id": s.image_id, "uri": s.uri, "rel_path": s.rel_path} for s in sources]
+
+
+def ingest(sources: list[ImageSource], cfg: ConstructConfig, store: OutputStore) -> pa.Table:
+    """Decode + hash every source once; cached per image id in ``_work/ingest.parquet`` (reused on resume)."""
+    path = store.work / "ingest.parquet"
+    cached = pq.read_table(path) if path.exists() else INGEST_SCHEMA.empty_table()
+    have = set(cached.column("image_id").to_pylist())
+    missing = [s for s in sources if s.image_id not in have]
+    if missing:
+        import ray
+
+        ds = ray.data.from_items(_items(missing), override_num_blocks=max(1, min(len(missing) // 32, 64)))
+        ds = ds.map_batches(ingest_batch, fn_kwargs={"policy": image_policy(cfg)}, batch_size=32,
+                            num_cpus=cfg.resources.decode_num_cpus)
+        new = pa.Table.from_pylist(ds.take_all(), schema=INGEST_SCHEMA)
+        cached = pa.concat_tables([cached, new])
+        write_parquet_atomic(cached, path)
+    wanted = pa.array([s.image_id for s in sources], pa.string())
+    return cached.filter(pa.compute.is_in(cached.column("image_id"), wanted)).sort_by("image_id")
+
+
+def load_images(batch: dict[str, np.ndarray], policy: ImagePolicy) -> dict[str, list]:
+    """Ray Data batch UDF before the engine: read + normalise again, attach bytes. An input that fails now though
+    it passed ingest (changed on disk) is passed on with ``error`` set and recorded as rejected, not dropped."""
+    out: dict[str, list] = {"image_id": [], "image_path": [], "data": [], "error": []}
+    for image_id, uri, rel in zip(batch["image_id"], batch["uri"], batch["rel_path"]):
+        img = decode_source(str(uri), str(rel), policy)
+        ok = isinstance(img, NormalizedImage)
+        out["image_id"].append(str(image_id))
+        out["image_path"].append(str(rel))
+        out["data"].append(img.data if ok else b"")
+        out["error"].append("" if ok else f"{img.reason.value}: {img.detail}")
+    return out
+
+
+class ConstructUDF:
+    """Ray Data actor-pool UDF: owns one vLLM engine; builds, verifies and commits a batch of images.
+
+    Each call commits its rows atomically (see :mod:`rms_ray.store`) and returns one summary row per image.
+    Writing inside the actor keeps all rows of an image in one commit, which is what makes resume exact.
+    """
+
+    def __init__(self, cfg_json: str, output_dir: str) -> None:
+        from .construct import Constructor
+        from .engine import VLMEngine
+
+        self.cfg = ConstructConfig.model_validate_json(cfg_json)
+        self.policy = image_policy(self.cfg)
+        engine = VLMEngine(self.cfg.model, self.cfg.resources, seed=self.cfg.generation.seed)
+        self.constructor = Constructor(self.cfg, engine, model_id=self.cfg.model.source)
+        self.store = OutputStore(output_dir)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        from .construct import ImageInput
+
+        t0 = time.perf_counter()
+        inputs, failed = [], []
+        for image_id, rel, data, err in zip(batch["image_id"], batch["image_path"], batch["data"], batch["error"]):
+            if err:
+                failed.append({"image_id": str(image_id), "image_path": str(rel), "sample_id": f"{image_id}-img",
+                               "candidate_index": -1, "stage": "load", "reasons": [f"load: {err}"], "rounds": 0})
+                continue
+            img = normalize_image(bytes(data), str(rel), self.policy)  # already normalised: cheap, gives metadata
+            inputs.append(ImageInput(str(image_id), str(rel), img.data, _meta(img)))
+        outcomes = self.constructor.construct(inputs)
+        accepted, rejected, images = [], list(failed), []
+        for r in failed:
+            images.append({"image_id": r["image_id"], "status": "rejected", "n_accepted": 0, "n_rejected": 1,
+                           "gen_tokens": 0})
+        by_id = {im.image_id: im for im in inputs}
+        for o in outcomes:
+            if self.cfg.output.embed_images:
+                for row in o.accepted:
+                    row["image"] = {"bytes": by_id[o.image_id].data, "path": row["image_path"]}
+            accepted += o.accepted
+            rejected += o.rejected
+            images.append({"image_id": o.image_id, "status": o.status, "n_accepted": len(o.accepted),
+                           "n_rejected": len(o.rejected), "gen_tokens": o.gen_tokens})
+        self.store.commit_shard(accepted, rejected, images)
+        elapsed = time.perf_counter() - t0
+        return {**{k: [im[k] for im in images] for k in ("image_id", "status", "n_accepted", "n_rejected",
+                                                          "gen_tokens")},
+                "batch_seconds": [elapsed] * len(images)}
+
+
+@dataclass
+class GenerationStats:
+    """What the driver saw of the generation pass."""
+
+    images: int = 0
+    accepted_samples: int = 0
+    rejected_samples: int = 0
+    gen_tokens: int = 0
+    seconds: float = 0.0
+    per_status: dict[str, int] = field(default_factory=dict)
+
+
+def generate(todo: list[ImageSource], cfg: ConstructConfig, store: OutputStore,
+             on_image: Callable[[dict[str, Any]], None] | None = None) -> GenerationStats:
+    """Stream ``todo`` through the engine actor pool; ``on_image`` is called with each image's summary row."""
+    import ray
+
+    stats = GenerationStats()
+    if not todo:
+        return stats
+    res = cfg.resources
+    t0 = time.perf_counter()
+    ds = ray.data.from_items(_items(todo), override_num_blocks=max(1, -(-len(todo) // res.batch_size)))
+    ds = ds.map_batches(load_images, fn_kwargs={"policy": image_policy(cfg)}, batch_size=res.batch_size,
+                        num_cpus=res.decode_num_cpus)
+    ds = ds.map_batches(
+        ConstructUDF,
+        fn_constructor_args=(cfg.model_dump_json(), str(store.root)),
+        batch_size=res.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=res.engine_replicas),
+        num_cpus=res.num_cpus_per_engine,
+        num_gpus=res.num_gpus_per_engine,
+    )
+    for row in ds.iter_rows():
+        stats.images += 1
+        stats.accepted_samples += int(row["n_accepted"])
+        stats.rejected_samples += int(row["n_rejected"])
+        stats.gen_tokens += int(row["gen_tokens"])
+        stats.per_status[row["status"]] = stats.per_status.get(row["status"], 0) + 1
+        if on_image:
+            on_image(row)
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def quiet_ray_data() -> None:
+    """Our own tqdm bar reports progress; Ray Data's periodic progress logs would bury it."""
+    import logging
+
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def init_ray(cfg: ConstructConfig, address: str | None = None) -> bool:
+    """Connect to Ray: ``address`` (or ``RAY_ADDRESS``, e.g. inside ``ray job submit``) if given, else start a
+    local one with ``resources.ray_num_cpus`` logical CPUs. Returns True if this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet_ray_data()
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=cfg.resources.ray_num_cpus, include_dashboard=False, log_to_driver=False,
+                 _temp_dir=os.environ.get("RMS_RAY_TMPDIR") or tempfile.mkdtemp(prefix="rms_ray_"))
+    return True
+
+
+@dataclass
+class Plan:
+    """What a run will do, decided in the driver before generation."""
+
+    sources: list[ImageSource]
+    repeated_entries: int
+    ingest: pa.Table
+    duplicates: list[Any]
+    canonical: list[ImageSource]
+    todo: list[ImageSource]
+
+
+def plan(input_spec: str, cfg: ConstructConfig, store: OutputStore, limit: int | None = None) -> Plan:
+    """List, ingest and dedup the inputs; decide which canonical images still need generation."""
+    sources, repeated = list_images(input_spec, tuple(cfg.images.extensions))
+    if limit is not None:
+        sources = sources[:limit]
+    ing = ingest(sources, cfg, store)
+    ok = ing.filter(pa.compute.equal(ing.column("status"), "ok"))
+    dups = find_duplicates(list(zip(ok.column("image_id").to_pylist(), ok.column("sha256").to_pylist(),
+                                    ok.column("phash").to_pylist())), max_hamming=cfg.images.near_duplicate_hamming)
+    dup_ids = {d.image_id for d in dups}
+    ok_ids = set(ok.column("image_id").to_pylist())
+    canonical = [s for s in sources if s.image_id in ok_ids and s.image_id not in dup_ids]
+    done = store.done_image_ids()
+    todo = [s for s in canonical if s.image_id not in done]
+    return Plan(sources, repeated, ing, dups, canonical, todo)
+
+
+def run_construct(cfg: ConstructConfig, input_spec: str, output_dir: str | Path, *, limit: int | None = None,
+                  ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Build (or resume) an RMS dataset from ``input_spec`` into ``output_dir``; returns the manifest dict.
+
+    Raises:
+        FileNotFoundError: the input does not exist. ConfigError never (cfg is already validated).
+    """
+    from .finalize import finalize
+
+    t_start = time.perf_counter()
+    store = OutputStore(output_dir)
+    store.prepare()
+    started = init_ray(cfg, ray_address)
+    try:
+        t0 = time.perf_counter()
+        p = plan(input_spec, cfg, store, limit)
+        t_plan = time.perf_counter() - t0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(p.todo), desc="construct", unit="img", dynamic_ncols=True)
+        counts = {"accepted": 0, "rejected": 0}
+
+        def on_image(row: dict[str, Any]) -> None:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(counts)
+
+        stats = generate(p.todo, cfg, store, on_image)
+        if bar is not None:
+            bar.close()
+        timings = {"plan_s": round(t_plan, 3), "generate_s": round(stats.seconds, 3)}
+        manifest = finalize(store, cfg, p, stats, timings, input_spec, t_start)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return manifest

@@ -1,0 +1,228 @@
+"""Output layout, atomic shard commits (exactly-once resume) and the final tables: where a row is written.
+
+Layout of an output folder::
+
+    data/train-00000-of-00001.parquet    accepted samples (+ emergent category, MLCommons mapping)
+    rejected/rejected-00000-of-00001.parquet   every candidate that failed, with all reasons (and raw text)
+    quarantine/quarantine.parquet        inputs that could not be decoded/normalised, with the reason
+    duplicates/duplicates.parquet        exact / near-duplicate inputs and the image they duplicate
+    manifest.json, README.md, categories.png, taxonomy.json
+    _work/ingest.parquet                 per-input decode result (hashes, quarantine reason), computed once
+    _work/commits/<shard>/               one committed batch: accepted/rejected/images.parquet
+
+Exactly-once: an engine actor writes a batch's three tables into ``_work/tmp/<shard>-<uuid>/`` and commits with
+one ``os.rename`` to ``_work/commits/<shard>/`` (atomic on POSIX filesystems). A SIGKILL before the rename leaves
+only a tmp folder, removed on resume; after it, the whole batch is there. The shard name hashes the batch's image
+ids, so a retried batch commits under the same name and the second commit is discarded. A resumed run skips every
+image id found in ``commits/*/images.parquet``. :meth:`OutputStore.read_committed` also drops any image committed
+twice (kept: first shard by name), so the final tables never hold a duplicate. Outputs must live on a POSIX
+filesystem that every node sees (local disk for one machine; NFS/EFS/Lustre on a cluster).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .prompts import STAGES
+
+_STR, _I32, _F32 = pa.string(), pa.int32(), pa.float32()
+_STRS = pa.list_(pa.string())
+PROMPT_VERSIONS = pa.struct([(s, _STR) for s in STAGES])
+IMAGE = pa.struct([("bytes", pa.binary()), ("path", _STR)])  # the Hugging Face `datasets` Image layout
+
+IMAGE_FIELDS = [
+    ("image_id", _STR), ("image_path", _STR), ("sha256", _STR), ("phash", _STR),
+    ("width", _I32), ("height", _I32), ("source_width", _I32), ("source_height", _I32),
+    ("source_format", _STR), ("image_notes", _STRS),
+]
+SCENE_FIELDS = [("scene_description", _STR), ("scene_setting", _STR), ("scene_entities", _STRS)]
+SAMPLE_FIELDS = [
+    ("sample_id", _STR), ("candidate_index", _I32), ("hazard", _STR), ("hazard_rationale", _STR),
+    ("query", _STR), ("response", _STR), ("rounds", _I32), ("reasons", _STRS),
+    *[(f"verdict_{n}", _STR) for n in ("image_alone", "query_alone", "pair", "response")],
+    *[(f"reason_{n}", _STR) for n in ("image_alone", "query_alone", "pair", "response")],
+]
+PROVENANCE_FIELDS = [("model_id", _STR), ("prompt_versions", PROMPT_VERSIONS)]
+CATEGORY_FIELDS = [("category_id", _I32), ("category", _STR), ("mlcommons_category", _STR), ("mlcommons_score", _F32)]
+
+#: Work shard of accepted samples (no category yet: categories emerge from the whole dataset at finalise).
+ACCEPTED_WORK_SCHEMA = pa.schema([SAMPLE_FIELDS[0], *IMAGE_FIELDS, ("image", IMAGE), *SCENE_FIELDS,
+                                  *SAMPLE_FIELDS[1:], *PROVENANCE_FIELDS])
+#: Final accepted samples: ``data/train-*.parquet``.
+ACCEPTED_SCHEMA = pa.schema([*ACCEPTED_WORK_SCHEMA, *CATEGORY_FIELDS, ("config_hash", _STR)])
+#: ``rejected/*.parquet``: ``stage`` is the last failing stage; ``reasons`` every failure of every round.
+REJECTED_SCHEMA = pa.schema([SAMPLE_FIELDS[0], *IMAGE_FIELDS, *SCENE_FIELDS, *SAMPLE_FIELDS[1:],
+                             ("stage", _STR), ("raw_text", _STR), *PROVENANCE_FIELDS])
+#: Per image outcome of a committed batch.
+IMAGES_SCHEMA = pa.schema([("image_id", _STR), ("status", _STR), ("n_accepted", _I32), ("n_rejected", _I32),
+                           ("gen_tokens", pa.int64())])
+QUARANTINE_SCHEMA = pa.schema([("image_id", _STR), ("image_path", _STR), ("reason", _STR), ("detail", _STR),
+                               ("sha256", _STR)])
+DUPLICATES_SCHEMA = pa.schema([("image_id", _STR), ("image_path", _STR), ("duplicate_of", _STR),
+                               ("duplicate_of_path", _STR), ("kind", _STR), ("distance", _I32)])
+INGEST_SCHEMA = pa.schema([*IMAGE_FIELDS, ("status", _STR), ("reason", _STR), ("detail", _STR)])
+
+# `datasets.load_dataset("parquet", ...)` reads this key and decodes `image` as an Image feature.
+_HF_FEATURES = {"image": {"_type": "Image"}}
+
+
+def table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts; missing keys become null, extra keys are an error) -> a table with exactly ``schema``.
+
+    Raises:
+        ValueError: a row has a key that is not a column of ``schema``.
+    """
+    rows = list(rows)
+    names = set(schema.names)
+    for r in rows:
+        extra = set(r) - names
+        if extra:
+            raise ValueError(f"columns not in schema: {sorted(extra)}")
+    return pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
+
+
+def shard_name(image_ids: Iterable[str]) -> str:
+    """Deterministic name of the shard holding exactly these image ids (sha256 of the sorted ids, 20 hex)."""
+    return hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:20]
+
+
+def write_parquet_atomic(tbl: pa.Table, path: Path, hf_features: bool = False) -> None:
+    """Write ``tbl`` to ``path`` via a temp file + rename, so readers never see a half-written file.
+
+    ``hf_features`` adds the ``huggingface`` schema metadata that `datasets` reads, so ``image`` loads as an
+    ``Image`` feature with ``load_dataset("parquet", ...)``.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if hf_features:
+        meta = {b"huggingface": json.dumps({"info": {"features": _full_features(tbl.schema)}}).encode()}
+        tbl = tbl.replace_schema_metadata({**(tbl.schema.metadata or {}), **meta})
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(tbl, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def _hf_dtype(t: pa.DataType) -> str:
+    if pa.types.is_string(t):
+        return "string"
+    if pa.types.is_int32(t):
+        return "int32"
+    if pa.types.is_int64(t):
+        return "int64"
+    if pa.types.is_float32(t):
+        return "float32"
+    if pa.types.is_binary(t):
+        return "binary"
+    raise TypeError(f"no datasets dtype for {t}")
+
+
+def _full_features(schema: pa.Schema) -> dict[str, Any]:
+    def feat(t: pa.DataType) -> Any:
+        if pa.types.is_list(t):
+            return {"_type": "List", "feature": feat(t.value_type)}
+        if pa.types.is_struct(t):
+            return {f.name: feat(f.type) for f in t}
+        return {"_type": "Value", "dtype": _hf_dtype(t)}
+
+    out = {f.name: feat(f.type) for f in schema}
+    out.update({k: v for k, v in _HF_FEATURES.items() if k in schema.names})
+    return out
+
+
+class OutputStore:
+    """An output folder (see module docstring). Cheap to construct; safe to use from many actors at once."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.work = self.root / "_work"
+        self.commits = self.work / "commits"
+        self.tmp = self.work / "tmp"
+
+    def prepare(self) -> None:
+        """Create folders and remove leftovers of a killed run (uncommitted tmp shards). Driver only, before work."""
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        for d in (self.commits, self.tmp):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def commit_shard(self, accepted: list[dict], rejected: list[dict], images: list[dict]) -> str:
+        """Atomically commit one batch's rows. Returns the shard name. A batch committed before is left as is.
+
+        Raises:
+            ValueError: ``images`` is empty, or a row has columns outside the schemas.
+        """
+        if not images:
+            raise ValueError("a shard needs at least one image")
+        name = shard_name(r["image_id"] for r in images)
+        final = self.commits / name
+        if final.exists():
+            return name
+        tmp = self.tmp / f"{name}-{uuid.uuid4().hex}"
+        tmp.mkdir(parents=True)
+        pq.write_table(table(accepted, ACCEPTED_WORK_SCHEMA), tmp / "accepted.parquet")
+        pq.write_table(table(rejected, REJECTED_SCHEMA), tmp / "rejected.parquet")
+        pq.write_table(table(images, IMAGES_SCHEMA), tmp / "images.parquet")
+        try:
+            os.rename(tmp, final)  # the commit point
+        except OSError:
+            if not final.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # lost a race with a retry of the same batch: same content
+        return name
+
+    def _shards(self) -> list[Path]:
+        return sorted(p for p in self.commits.glob("*") if p.is_dir()) if self.commits.exists() else []
+
+    def done_image_ids(self) -> set[str]:
+        """Image ids of every committed batch (to skip on resume)."""
+        ids: set[str] = set()
+        for shard in self._shards():
+            ids.update(pq.read_table(shard / "images.parquet", columns=["image_id"]).column(0).to_pylist())
+        return ids
+
+    def read_committed(self) -> tuple[pa.Table, pa.Table, pa.Table, int]:
+        """Concatenate committed shards into (accepted, rejected, images, n_duplicate_image_commits_dropped).
+
+        An image committed in two shards (possible only if a batch were re-split after a failure) is kept from
+        the first shard by name only, so every image contributes its rows exactly once.
+        """
+        acc, rej, img = [], [], []
+        seen: set[str] = set()
+        dropped = 0
+        for shard in self._shards():
+            images = pq.read_table(shard / "images.parquet")
+            ids = images.column("image_id").to_pylist()
+            keep = [i for i in ids if i not in seen]
+            dropped += len(ids) - len(keep)
+            seen.update(keep)
+            keep_set = pa.array(keep, _STR)
+            for out, name in ((acc, "accepted"), (rej, "rejected"), (img, "images")):
+                t = images if name == "images" else pq.read_table(shard / f"{name}.parquet")
+                out.append(t.filter(pa.compute.is_in(t.column("image_id"), keep_set)))
+        cat = lambda parts, schema: pa.concat_tables(parts) if parts else schema.empty_table()  # noqa: E731
+        return (cat(acc, ACCEPTED_WORK_SCHEMA), cat(rej, REJECTED_SCHEMA), cat(img, IMAGES_SCHEMA), dropped)
+
+    def write_table_files(self, tbl: pa.Table, subdir: str, prefix: str, rows_per_file: int) -> list[str]:
+        """Replace ``<root>/<subdir>/`` with ``tbl`` split into ``<prefix>-NNNNN-of-MMMMM.parquet`` files.
+
+        Returns the written paths relative to the root. Always writes at least one (possibly empty) file, so
+        every table can be opened even when it has no rows.
+        """
+        out_dir = self.root / subdir
+        n_files = max(1, -(-tbl.num_rows // rows_per_file))
+        names = [f"{prefix}-{i:05d}-of-{n_files:05d}.parquet" for i in range(n_files)]
+        if out_dir.exists():
+            for old in out_dir.glob("*.parquet"):
+                if old.name not in names:
+                    old.unlink()
+        for i, name in enumerate(names):
+            write_parquet_atomic(tbl.slice(i * rows_per_file, rows_per_file), out_dir / name, hf_features=True)
+        return [f"{subdir}/{n}" for n in names]
