@@ -30,6 +30,9 @@ CPU_ENV_DEFAULTS = {
 }
 
 
+CPU_MIN_BATCHED_TOKENS = 65536
+
+
 def resolve_model_source(source: str) -> str:
     """Turn ``ModelConfig.source`` into something ``vllm.LLM(model=...)`` accepts.
 
@@ -108,6 +111,9 @@ class VLMEngine:
         )
         if resources.num_gpus_per_engine == 0:
             kwargs["enforce_eager"] = True  # no CUDA graphs / compilation on the CPU
+            # vLLM(-cpu 0.29) crashes ("CPU Generator does not use offset") when a seeded request's prefill is
+            # chunked. A token budget larger than any batch we send keeps prefills whole.
+            kwargs["max_num_batched_tokens"] = max(CPU_MIN_BATCHED_TOKENS, model_cfg.max_model_len)
         if model_cfg.max_num_seqs:
             kwargs["max_num_seqs"] = model_cfg.max_num_seqs
         kwargs.update(model_cfg.engine_kwargs)
@@ -134,7 +140,7 @@ class VLMEngine:
                 max_tokens=r.max_tokens,
                 temperature=r.temperature,
                 top_p=r.top_p,
-                seed=r.seed,
+                seed=r.seed if r.temperature > 0 else None,  # greedy needs none; see CPU note in __init__
                 structured_outputs=StructuredOutputsParams(json=r.schema),
             )
             for r in requests

@@ -17,7 +17,8 @@ Order of the checks (cheap first; no pixel data is decoded before the size check
    if they name a known image format we do not decode (HEIC, SVG, PSD, ICO, JPEG 2000, ...), else
    ``not_an_image``;
 4. declared ``width * height`` (from the header) against ``policy.max_pixels`` -> ``decompression_bomb``
-   (PIL's own ``DecompressionBombError``/``DecompressionBombWarning`` map to the same reason);
+   (PIL's own ``DecompressionBombError``, and ``DecompressionBombWarning`` where a warnings filter turns it
+   into an exception, map to the same reason);
 5. declared size against ``policy.min_side`` (also after the planned resize) -> ``too_small``;
 6. multi-frame files (animated GIF/WEBP/APNG, multi-page TIFF; MPO always takes its first picture);
 7. decode (``load()``) -> ``truncated`` / ``corrupt`` on failure. Truncated files are *not* accepted with grey
@@ -65,6 +66,7 @@ class QuarantineReason(str, enum.Enum):
     TOO_SMALL = "too_small"  # shorter side < policy.min_side (before or after the max_side resize)
     ANIMATED = "animated"  # multi-frame image while policy.animated == "quarantine"
     UNSUPPORTED_MODE = "unsupported_mode"  # decoded pixel mode that cannot be converted to RGB (e.g. LAB)
+    UNREADABLE = "unreadable"  # the bytes could not be read (I/O error); set by callers, never by normalize_image
 
 
 @dataclass(frozen=True)
@@ -236,13 +238,21 @@ def _sniff(data: bytes) -> tuple[str | None, bool]:
     return None, False
 
 
-def _classify_decode_error(exc: BaseException) -> QuarantineReason:
+def _container_truncated(data: bytes) -> bool:
+    """True when a RIFF (WEBP) container declares more bytes than the file has (libwebp then only reports a
+    generic decoder error)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 8:
+        return int.from_bytes(data[4:8], "little") + 8 > len(data)
+    return False
+
+
+def _classify_decode_error(exc: BaseException, data: bytes = b"") -> QuarantineReason:
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return QuarantineReason.DECOMPRESSION_BOMB
     text = str(exc).lower()
     if "decompressed data too large" in text:
         return QuarantineReason.DECOMPRESSION_BOMB
-    if "truncated" in text or isinstance(exc, EOFError):
+    if "truncated" in text or isinstance(exc, EOFError) or _container_truncated(data):
         return QuarantineReason.TRUNCATED
     return QuarantineReason.CORRUPT
 
@@ -322,7 +332,7 @@ def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
 
 
 def _phash(im: Image.Image) -> str:
-    import imagehash  # local import: imagehash pulls in scipy/pywavelets; keep module import light
+    import imagehash  # imported on first use: keeps `import rms_ray.images` light for the driver process
 
     return str(imagehash.phash(im))
 
@@ -363,7 +373,7 @@ def normalize_image(
     try:
         return _normalize(data, path, policy, sha)
     except Exception as exc:  # last resort: anything unexpected in PIL/numpy/imagehash on bad content
-        return Quarantined(_classify_decode_error(exc), _exc_text(exc), sha)
+        return Quarantined(_classify_decode_error(exc, data), _exc_text(exc), sha)
 
 
 def _normalize(data: bytes, path: str, policy: ImagePolicy, sha: str) -> NormalizedImage | Quarantined:
@@ -379,12 +389,11 @@ def _normalize(data: bytes, path: str, policy: ImagePolicy, sha: str) -> Normali
                 sha,
             )
         if supported:
-            return Quarantined(
-                QuarantineReason.CORRUPT, f"{name} signature but PIL cannot parse the header ({type(exc).__name__})", sha
-            )
+            reason = QuarantineReason.TRUNCATED if _container_truncated(data) else QuarantineReason.CORRUPT
+            return Quarantined(reason, f"{name} signature but PIL cannot parse it ({type(exc).__name__})", sha)
         return Quarantined(QuarantineReason.UNSUPPORTED_FORMAT, f"{name} is not decoded here", sha)
     except Exception as exc:  # DecompressionBombError, or a plugin error PIL does not wrap
-        return Quarantined(_classify_decode_error(exc), _exc_text(exc), sha)
+        return Quarantined(_classify_decode_error(exc, data), _exc_text(exc), sha)
 
     with im:
         source_format = str(im.format)
@@ -422,7 +431,7 @@ def _normalize(data: bytes, path: str, policy: ImagePolicy, sha: str) -> Normali
                 return Quarantined(QuarantineReason.ANIMATED, f"{source_format} with {n_frames} frames", sha)
             notes.append(f"first_frame_of_{n_frames}")
 
-        if source_format == "JPEG" and max(source_width, source_height) >= 2 * policy.max_side:
+        if source_format in ("JPEG", "MPO") and max(source_width, source_height) >= 2 * policy.max_side:
             # libjpeg DCT scaling: decode at 1/2, 1/4 or 1/8 while staying >= the target size.
             scale = policy.max_side / max(source_width, source_height)
             im.draft(None, (max(1, int(source_width * scale)), max(1, int(source_height * scale))))
@@ -430,7 +439,7 @@ def _normalize(data: bytes, path: str, policy: ImagePolicy, sha: str) -> Normali
         try:
             im.load()
         except Exception as exc:
-            return Quarantined(_classify_decode_error(exc), f"decode failed: {_exc_text(exc)}", sha)
+            return Quarantined(_classify_decode_error(exc, data), f"decode failed: {_exc_text(exc)}", sha)
         if ImageFile.LOAD_TRUNCATED_IMAGES:
             notes.append("load_truncated_images_enabled")
 
@@ -453,9 +462,7 @@ def _normalize(data: bytes, path: str, policy: ImagePolicy, sha: str) -> Normali
         try:
             img = _to_rgb(img, notes)
         except Exception as exc:
-            return Quarantined(
-                QuarantineReason.UNSUPPORTED_MODE, f"mode {img.mode}: {_exc_text(exc)}", sha
-            )
+            return Quarantined(QuarantineReason.UNSUPPORTED_MODE, f"mode {img.mode}: {_exc_text(exc)}", sha)
 
         if max(source_width, source_height) > policy.max_side:
             size = (out_h, out_w) if swapped else (out_w, out_h)

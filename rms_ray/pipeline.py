@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from .config import ConstructConfig
 from .dedup import find_duplicates
-from .images import ImagePolicy, NormalizedImage, normalize_image
+from .images import ImagePolicy, NormalizedImage, Quarantined, QuarantineReason, normalize_image
 from .sources import ImageSource, list_images, read_bytes
 from .store import INGEST_SCHEMA, OutputStore, table, write_parquet_atomic
 
@@ -41,13 +41,10 @@ def image_policy(cfg: ConstructConfig) -> ImagePolicy:
 
 def decode_source(uri: str, rel_path: str, policy: ImagePolicy):
     """Read and normalise one input. Unreadable files become ``Quarantined(reason=UNREADABLE)``; never raises."""
-    from .images import Quarantined, QuarantineReason
-
     try:
         data = read_bytes(uri)
     except OSError as e:
-        return Quarantined(QuarantineReason("unreadable") if "unreadable" in QuarantineReason._value2member_map_
-                           else QuarantineReason.CORRUPT, f"cannot read: {e}", None)
+        return Quarantined(QuarantineReason.UNREADABLE, f"cannot read: {e}", None)
     return normalize_image(data, rel_path, policy)
 
 

@@ -13,14 +13,33 @@ Choices worth knowing:
   input, so a test could not tell whether the image reached the model. Norm weights are 1.
 * Head sizes (LM and vision tower) are 64 or 32: vLLM's CPU attention accepts only 32, 64, 80, 96, 112, 128, 160,
   192, 224, 256 and 512.
-* Same preset + seed -> byte-identical files (the weights are generated in float32 on the CPU from a
-  ``torch.Generator`` and cast to bfloat16; safetensors writes tensors in a fixed order).
+* Same preset + seed -> byte-identical files (weights: numpy PCG64 ``standard_normal`` in float32, rounded to
+  bfloat16, written by safetensors in a fixed order; the BPE trainer is deterministic).
+* The stamp file ``rms_ray_tiny.json`` is written last (atomically); a directory without it is not a finished build.
+* Traps met with vLLM 0.29 (CPU) + xgrammar on such a model: a JSON-schema string bounded only by ``maxLength`` can
+  receive raw control characters (strict ``json.loads`` fails: parse with ``strict=False`` or bound the string with a
+  character-class ``pattern`` such as ``^[A-Za-z0-9 ,.'-]{0,40}$``); xgrammar refuses ``pattern`` together with
+  ``maxLength`` on one string; ``disable_any_whitespace`` still yields ``", "``/``": "`` separators with xgrammar.
 * The image processor is ``Qwen2VLImageProcessor`` with ``max_pixels = 28*28*64``: every image becomes at most 64 image
   tokens (a 512x512 photo becomes exactly 64). Building the ``Qwen2_5_VLProcessor`` needs ``import torchvision`` to
   succeed (its video half); see ``scripts/patch_torchvision.py`` for CPU machines.
 
 Public API: :data:`PRESETS`, :class:`TinyVLMSpec`, :func:`build_tiny_vlm`, :func:`ensure_tiny_vlm`,
-:func:`is_complete_build`.
+:func:`is_complete_build`, :func:`default_cache_root`. CLI: ``python -m rms_ray.tiny_model [PRESET] [--out DIR]``
+prints the directory (builds into the cache by default).
+
+Loading it in vLLM (CPU; set ``VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1
+HF_HUB_OFFLINE=1`` before importing vllm)::
+
+    llm = LLM(model=str(ensure_tiny_vlm("tiny")), dtype="bfloat16", max_model_len=1024, enforce_eager=True,
+              limit_mm_per_prompt={"image": 1, "video": 0},
+              structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True})
+    prompt = llm.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
+        add_generation_prompt=True, tokenize=False)
+    llm.generate([{"prompt": prompt, "multi_modal_data": {"image": pil_image}}],
+                 SamplingParams(temperature=0.0, max_tokens=64,
+                                structured_outputs=StructuredOutputsParams(json=schema)))
 """
 
 from __future__ import annotations
@@ -50,6 +69,8 @@ __all__ = [
 BUILDER_VERSION = 1
 #: Name of the stamp file written last into a finished build directory.
 STAMP_FILE = "rms_ray_tiny.json"
+#: Marker present while a build is in progress (lets a crashed build be cleaned up without ``overwrite``).
+BUILDING_MARKER = ".rms_ray_tiny_building"
 #: Head sizes vLLM's CPU attention backend accepts.
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
@@ -167,8 +188,10 @@ Look both ways before crossing the street. Wear a seat belt. Do not use a phone 
 class TinyVLMSpec:
     """Architecture of a randomly initialised Qwen2.5-VL model.
 
-    All sizes are counts (not bytes). Head sizes are ``hidden_size // num_heads`` and must be in
-    :data:`VLLM_CPU_HEAD_SIZES`; ``sum(mrope_section)`` must equal the LM head size / 2.
+    All sizes are counts (not bytes); pixel bounds are width*height in pixels (28*28 pixels = one image token after
+    the 2x2 merge of 14-pixel patches). Head sizes are ``hidden_size // num_heads`` and must be in
+    :data:`VLLM_CPU_HEAD_SIZES`; ``sum(mrope_section)`` must equal the LM head size / 2. The LM vocabulary is the
+    trained tokenizer's length (~2.6k) rounded up to a multiple of 64.
     """
 
     name: str
@@ -224,7 +247,7 @@ class TinyVLMSpec:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
-#: Named specs. "tiny": ~1.3M parameters (~2.7 MB), for tests. "bench-100m": ~100M parameters, same architecture and
+#: Named specs. "tiny": 1.2M parameters (2.5 MB), for tests. "bench-100m": ~100M parameters, same architecture and
 #: tokenizer, for throughput benchmarks.
 PRESETS: dict[str, TinyVLMSpec] = {
     "tiny": TinyVLMSpec(
@@ -240,7 +263,7 @@ PRESETS: dict[str, TinyVLMSpec] = {
         vision_num_heads=2,
         vision_intermediate_size=128,
         vision_fullatt_block_indexes=(1,),
-        description="~1.3M params; for unit tests",
+        description="1.2M params (2.5 MB); for unit tests",
     ),
     "bench-100m": TinyVLMSpec(
         name="bench-100m",
@@ -255,7 +278,7 @@ PRESETS: dict[str, TinyVLMSpec] = {
         vision_num_heads=8,
         vision_intermediate_size=1536,
         vision_fullatt_block_indexes=(3, 7),
-        description="~100M params; for throughput benchmarks",
+        description="98.7M params (189 MB); for throughput benchmarks",
     ),
 }
 
@@ -402,23 +425,30 @@ def _make_processor(spec: TinyVLMSpec, tokenizer):
 
 
 def _random_state_dict(spec: TinyVLMSpec, config, seed: int):
-    """Parameter names/shapes from the transformers model (built on the meta device), values from a seeded
-    float32 CPU generator (normal(0, init_std); norm weights 1), cast to bfloat16."""
+    """Random weights for ``config``: ``({name: bfloat16 tensor}, number of parameters)``.
+
+    Names and shapes come from the transformers model built on the meta device (no memory, no init cost); values
+    from numpy's PCG64 generator (``standard_normal`` in float32, times ``init_std``; norm weights are 1), drawn
+    tensor by tensor in registration order and rounded to bfloat16. numpy's generator is platform-independent, so the
+    bytes do not depend on the CPU's vector extensions.
+    """
+    import numpy as np
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(config)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    std = np.float32(spec.init_std)
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():  # registration order: deterministic
-        leaf = name.rsplit(".", 2)
-        is_norm = name.endswith(".weight") and p.ndim == 1 and ("norm" in leaf[-2] or leaf[-2] == "ln_q")
+        parts = name.split(".")
+        is_norm = parts[-1] == "weight" and p.ndim == 1 and ("norm" in parts[-2] or parts[-2] == "ln_q")
         if is_norm:
-            t = torch.ones(p.shape, dtype=torch.float32)
+            arr = np.ones(tuple(p.shape), dtype=np.float32)
         else:
-            t = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, spec.init_std, generator=gen)
-        out[name] = t.to(torch.bfloat16).contiguous()
+            arr = rng.standard_normal(tuple(p.shape), dtype=np.float32) * std
+        out[name] = torch.from_numpy(arr).to(torch.bfloat16).contiguous()
     n_params = sum(t.numel() for t in out.values())
     return out, n_params
 
@@ -435,7 +465,7 @@ def _fingerprint(spec: TinyVLMSpec, seed: int) -> str:
 def _file_digests(directory: Path) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for p in sorted(directory.iterdir()):
-        if p.is_file() and p.name != STAMP_FILE:
+        if p.is_file() and p.name not in (STAMP_FILE, BUILDING_MARKER) and not p.name.endswith(".tmp"):
             h = hashlib.sha256()
             with p.open("rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -461,7 +491,9 @@ def is_complete_build(directory: str | Path, preset: str = "tiny", seed: int = 0
     spec = PRESETS[preset]
     directory = Path(directory)
     stamp = _read_stamp(directory)
-    if not stamp or stamp.get("preset") != preset or stamp.get("seed") != seed:
+    if not stamp or (directory / BUILDING_MARKER).exists():
+        return False
+    if stamp.get("preset") != preset or stamp.get("seed") != seed:
         return False
     if stamp.get("fingerprint") != _fingerprint(spec, seed):
         return False
@@ -492,7 +524,8 @@ def build_tiny_vlm(output_dir: str | Path, preset: str = "tiny", seed: int = 0, 
 
     Args:
         output_dir: target directory; created if missing.
-        preset: key of :data:`PRESETS` ("tiny" ~1.3M params, ~2.7 MB, ~2-5 s; "bench-100m" ~100M params, ~200 MB).
+        preset: key of :data:`PRESETS` ("tiny": 1.2M params, 2.5 MB, ~0.3 s once transformers' Qwen2.5-VL modules
+            are imported, ~5 s cold; "bench-100m": 98.7M params, 189 MB, ~6 s).
         seed: seed of the weight generator.
         overwrite: rebuild even if a complete build with the same preset/seed is already there.
 
@@ -514,11 +547,13 @@ def build_tiny_vlm(output_dir: str | Path, preset: str = "tiny", seed: int = 0, 
     if not overwrite and is_complete_build(out, preset, seed):
         return out
     if out.exists() and any(out.iterdir()):
-        if not overwrite and _read_stamp(out) is None and not (out / "model.safetensors").exists():
+        ours = (out / STAMP_FILE).exists() or (out / BUILDING_MARKER).exists()
+        if not overwrite and not ours:
             raise FileExistsError(f"{out} is not empty and is not a tiny-VLM build; pass overwrite=True")
         for p in out.iterdir():  # a stale/partial build of ours, or overwrite requested
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    (out / BUILDING_MARKER).write_text("build in progress\n", encoding="utf-8")
 
     from safetensors.torch import save_file
 
@@ -528,6 +563,7 @@ def build_tiny_vlm(output_dir: str | Path, preset: str = "tiny", seed: int = 0, 
     state_dict, n_params = _random_state_dict(spec, config, seed)
 
     save_file(state_dict, str(out / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", 0o644)  # save_file creates it 0600; other users (Ray workers) must read it
     del state_dict
     config.save_pretrained(out)
     processor.save_pretrained(out)  # tokenizer files, chat template, image/video processor configs
@@ -558,6 +594,7 @@ def build_tiny_vlm(output_dir: str | Path, preset: str = "tiny", seed: int = 0, 
     tmp_stamp = out / (STAMP_FILE + ".tmp")
     _write_json(tmp_stamp, stamp)
     os.replace(tmp_stamp, out / STAMP_FILE)  # the stamp appears atomically and last
+    (out / BUILDING_MARKER).unlink()
     return out
 
 
@@ -589,6 +626,7 @@ def ensure_tiny_vlm(preset: str = "tiny", cache_dir: str | Path | None = None, s
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         build_tiny_vlm(tmp, preset=preset, seed=seed, overwrite=True)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         for _ in range(3):
             try:
                 os.rename(tmp, final)  # atomic; fails if final exists and is non-empty
@@ -607,3 +645,24 @@ def ensure_tiny_vlm(preset: str = "tiny", cache_dir: str | Path | None = None, s
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build a random Qwen2.5-VL model directory offline.")
+    parser.add_argument("preset", nargs="?", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--out", help="build into this directory (default: the cache, see default_cache_root())")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    if args.out:
+        path = build_tiny_vlm(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
+    else:
+        path = ensure_tiny_vlm(args.preset, seed=args.seed)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

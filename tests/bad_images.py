@@ -211,6 +211,10 @@ def _kinds() -> dict[str, tuple[str, Callable[[], bytes], str, R | tuple[str, ..
                            R.TRUNCATED, None),
         "truncated_png": ("truncated.png", lambda: truncated(valid_png((256, 256)), 0.5), QUARANTINED,
                           R.TRUNCATED, None),
+        "truncated_webp": ("truncated.webp", lambda: truncated(
+            _encode(_photo_like((128, 128)), "WEBP", quality=90), 0.5), QUARANTINED, R.TRUNCATED, None),
+        "truncated_animated_webp": ("truncated_anim.webp", lambda: truncated(webp_animated(), 0.6), QUARANTINED,
+                                    R.TRUNCATED, None),
         "bomb_png_30000": ("bomb.png", lambda: png_header_only(30000, 30000), QUARANTINED,
                            R.DECOMPRESSION_BOMB, None),
         # 81 Mpx: above policy.max_pixels (64 M) but below PIL's own warning limit (~89 M): our check must catch it

@@ -319,6 +319,7 @@ def test_quarantine_reason_values_are_stable():
         "TOO_SMALL": "too_small",
         "ANIMATED": "animated",
         "UNSUPPORTED_MODE": "unsupported_mode",
+        "UNREADABLE": "unreadable",
     }
     assert QuarantineReason("truncated") is QuarantineReason.TRUNCATED
 

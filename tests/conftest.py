@@ -1,0 +1,49 @@
+"""Shared fixtures: environment for offline vLLM/Ray, the shared data folder, one local Ray for the session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PHOTOS = REPO / "examples" / "photos"
+
+# Before anything imports vllm/ray: offline, quiet, and the tiny model cached inside the checkout.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RMS_RAY_CACHE", str(REPO / ".cache" / "rms_ray"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def shared_data_dir() -> Path | None:
+    """``RMS_SHARED_DATA`` or ``<repo>/../shared/data`` when it exists (see ../shared/README.md)."""
+    env = os.environ.get("RMS_SHARED_DATA")
+    path = Path(env) if env else REPO.parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("../shared/data (or RMS_SHARED_DATA) is absent: real benchmark images are not in this checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the in-process pipeline tests, with its own temp dir (removed at teardown)."""
+    import ray
+
+    tmp = tempfile.mkdtemp(prefix="rms_ray_test_ray_")
+    from rms_ray.pipeline import quiet_ray_data
+
+    quiet_ray_data()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
