@@ -242,11 +242,8 @@ class Plan:
     todo: list[ImageSource]
 
 
-def plan(input_spec: str, cfg: ConstructConfig, store: OutputStore, limit: int | None = None) -> Plan:
-    """List, ingest and dedup the inputs; decide which canonical images still need generation."""
-    sources, repeated = list_images(input_spec, tuple(cfg.images.extensions))
-    if limit is not None:
-        sources = sources[:limit]
+def plan(sources: list[ImageSource], repeated: int, cfg: ConstructConfig, store: OutputStore) -> Plan:
+    """Ingest and dedup listed inputs; decide which canonical images still need generation."""
     ing = ingest(sources, cfg, store)
     ok = ing.filter(pa.compute.equal(ing.column("status"), "ok"))
     dups = find_duplicates(list(zip(ok.column("image_id").to_pylist(), ok.column("sha256").to_pylist(),
@@ -269,12 +266,15 @@ def run_construct(cfg: ConstructConfig, input_spec: str, output_dir: str | Path,
     from .finalize import finalize
 
     t_start = time.perf_counter()
+    sources, repeated = list_images(input_spec, tuple(cfg.images.extensions))  # fail fast, before Ray starts
+    if limit is not None:
+        sources = sources[:limit]
     store = OutputStore(output_dir)
     store.prepare()
     started = init_ray(cfg, ray_address)
     try:
         t0 = time.perf_counter()
-        p = plan(input_spec, cfg, store, limit)
+        p = plan(sources, repeated, cfg, store)
         t_plan = time.perf_counter() - t0
         bar = None
         if progress:

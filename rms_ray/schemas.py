@@ -51,7 +51,7 @@ def stage_schemas(limits: TextLimits, min_hazards: int, max_hazards: int) -> dic
 
 
 def _strip_controls(text: str) -> str:
-    # Raw control characters inside JSON strings are invalid JSON; keep \t \n \r which json handles as whitespace.
+    # Raw control characters are invalid JSON; \t \n \r stay (accepted inside strings by strict=False below).
     return "".join(ch for ch in text if ch >= " " or ch in "\t\n\r")
 
 
@@ -74,8 +74,8 @@ def parse_output(text: str, schema: dict[str, Any]) -> tuple[Any | None, str | N
         ``"schema_mismatch: ..."``). Never raises.
     """
     try:
-        value = json.loads(_strip_controls(text))
-    except (json.JSONDecodeError, TypeError) as e:
+        value = json.loads(_strip_controls(text), strict=False)
+    except (ValueError, TypeError, RecursionError) as e:  # ValueError covers JSONDecodeError and int-digit limits
         return None, f"invalid_json: {e}"
     value = _strip_strings(value)
     try:

@@ -62,7 +62,8 @@ def list_images(spec: str, extensions: tuple[str, ...]) -> tuple[list[ImageSourc
     """Expand ``spec`` into image sources, sorted by ``image_id``.
 
     Args:
-        spec: a folder (recursive, filtered by ``extensions``, case-insensitive), a glob (``*``/``?``/``[``), or a
+        spec: a folder (recursive, filtered by ``extensions``, case-insensitive), a glob (``*``/``?``/``[``, with
+            ``fnmatch`` semantics: case-sensitive, and ``*`` also matches ``/``, so ``dir/*.jpg`` is recursive), or a
             ``.parquet``/``.jsonl`` listing with an ``image``/``image_path``/``path``/``file`` column (relative
             paths resolve against the listing's folder) and an optional ``id`` column. ``s3://``/``gs://``/...
             URIs go through ``pyarrow.fs``.

@@ -75,9 +75,7 @@ BUILDING_MARKER = ".rms_ray_tiny_building"
 VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 # Qwen2 pre-tokenizer regex (the one Qwen2/Qwen2.5/Qwen2.5-VL use).
-QWEN2_PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""  # noqa: E501
 
 # Qwen2.5-VL special tokens, in Qwen's id order (they follow the BPE vocabulary). (token, special)
 QWEN_VL_SPECIAL_TOKENS: tuple[tuple[str, bool], ...] = (

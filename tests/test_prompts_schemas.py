@@ -147,10 +147,7 @@ def test_untrusted_data_round_trips_through_data_blocks(name):
     assert [json.loads(b) for b in blocks].count(value) >= min(n_data, len(blocks))
 
 
-_PAIR_BUG = pytest.mark.xfail(strict=True, reason="BUG: verify_pair.yaml puts untrusted $hazard outside any <data> block")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_PAIR_BUG) if n == "verify_pair" else n for n in STAGES])
+@pytest.mark.parametrize("name", STAGES)
 def test_every_untrusted_placeholder_sits_inside_a_data_block(name):
     """Module contract: untrusted values are substituted ONLY inside <data>...</data>."""
     template = load_prompt(name).user.template
@@ -328,13 +325,16 @@ def test_parse_output_never_raises_on_random_strings():
     assert results["invalid_json"] > 0 and results["schema_mismatch"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_output lets ValueError (int digit limit) escape json.loads")
 def test_parse_output_never_raises_on_huge_integer():
     value, err = parse_output("1" * 5000, SCHEMAS["query_synthesis"])
     assert value is None and err.startswith("invalid_json: ")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_output lets RecursionError escape json.loads")
 def test_parse_output_never_raises_on_deep_nesting():
     value, err = parse_output("[" * 100_000, SCHEMAS["query_synthesis"])
     assert value is None and err.startswith("invalid_json: ")
+
+
+def test_raw_newline_inside_a_string_is_accepted():
+    value, err = parse_output('{"query": "line one\nline two"}', SCHEMAS["query_synthesis"])
+    assert err is None and value == {"query": "line one\nline two"}

@@ -292,12 +292,16 @@ def test_vllm_cpu_engine_generates_from_images(tiny_dir, tmp_path):
     out_json = tmp_path / "vllm_result.json"
     env = {**os.environ, **VLLM_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--vllm-smoke", str(tiny_dir), str(PHOTO_DIR), str(out_json)]
+    script = str(Path(__file__).resolve())
+    cmd = [sys.executable, script, "--vllm-smoke", str(tiny_dir), str(PHOTO_DIR), str(out_json)]
     try:
         proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"vLLM child timed out after 300 s; output tail:\n{(e.stdout or '')[-3000:]}{(e.stderr or '')[-3000:]}")
-    assert proc.returncode == 0 and out_json.exists(), f"vLLM child failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    except subprocess.TimeoutExpired as e:  # run() has killed the child
+        parts = (e.stdout or "", e.stderr or "")
+        tail = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x for x in parts)
+        pytest.fail(f"vLLM child timed out after 300 s; output tail:\n{tail[-6000:]}")
+    failure = f"vLLM child failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0 and out_json.exists(), failure
     result = json.loads(out_json.read_text())
 
     # the image goes in: the 512x512 photo becomes 64 image tokens, the 600x400 one fewer
