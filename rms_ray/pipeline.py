@@ -118,7 +118,9 @@ class ConstructUDF:
 
         self.cfg = ConstructConfig.model_validate_json(cfg_json)
         self.policy = image_policy(self.cfg)
+        t0 = time.perf_counter()
         engine = VLMEngine(self.cfg.model, self.cfg.resources, seed=self.cfg.generation.seed)
+        self.engine_init_s = time.perf_counter() - t0  # reported once, with this actor's first batch
         self.constructor = Constructor(self.cfg, engine, model_id=self.cfg.model.source)
         self.store = OutputStore(output_dir)
 
@@ -150,9 +152,10 @@ class ConstructUDF:
                            "n_rejected": len(o.rejected), "gen_tokens": o.gen_tokens})
         self.store.commit_shard(accepted, rejected, images)
         elapsed = time.perf_counter() - t0
+        init, self.engine_init_s = self.engine_init_s, 0.0
         return {**{k: [im[k] for im in images] for k in ("image_id", "status", "n_accepted", "n_rejected",
                                                           "gen_tokens")},
-                "batch_seconds": [elapsed] * len(images)}
+                "batch_seconds": [elapsed] * len(images), "engine_init_s": [init] * len(images)}
 
 
 @dataclass
@@ -164,6 +167,7 @@ class GenerationStats:
     rejected_samples: int = 0
     gen_tokens: int = 0
     seconds: float = 0.0
+    engine_init_s: float = 0.0  # longest engine start among the actors (they start in parallel)
     per_status: dict[str, int] = field(default_factory=dict)
 
 
@@ -193,6 +197,7 @@ def generate(todo: list[ImageSource], cfg: ConstructConfig, store: OutputStore,
         stats.accepted_samples += int(row["n_accepted"])
         stats.rejected_samples += int(row["n_rejected"])
         stats.gen_tokens += int(row["gen_tokens"])
+        stats.engine_init_s = max(stats.engine_init_s, float(row["engine_init_s"]))
         stats.per_status[row["status"]] = stats.per_status.get(row["status"], 0) + 1
         if on_image:
             on_image(row)
