@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 #: Bump when the builder's output changes for an unchanged spec, so that cached builds are redone.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 #: Name of the stamp file written last into a finished build directory.
 STAMP_FILE = "rms_ray_tiny.json"
 #: Marker present while a build is in progress (lets a crashed build be cleaned up without ``overwrite``).
