@@ -91,17 +91,25 @@ def ingest(sources: list[ImageSource], cfg: ConstructConfig, store: OutputStore)
     return cached.filter(pa.compute.is_in(cached.column("image_id"), wanted)).sort_by("image_id")
 
 
+META_COLUMNS = ("sha256", "phash", "width", "height", "source_width", "source_height", "source_format",
+                "image_notes")
+
+
 def load_images(batch: dict[str, np.ndarray], policy: ImagePolicy) -> dict[str, list]:
-    """Ray Data batch UDF before the engine: read + normalise again, attach bytes. An input that fails now though
-    it passed ingest (changed on disk) is passed on with ``error`` set and recorded as rejected, not dropped."""
-    out: dict[str, list] = {"image_id": [], "image_path": [], "data": [], "error": []}
+    """Ray Data batch UDF before the engine: read + normalise again, attach the normalised bytes and metadata. An
+    input that fails now though it passed ingest (changed on disk) is passed on with ``error`` set and recorded as
+    rejected, not dropped."""
+    out: dict[str, list] = {k: [] for k in ("image_id", "image_path", "data", "error", *META_COLUMNS)}
     for image_id, uri, rel in zip(batch["image_id"], batch["uri"], batch["rel_path"]):
         img = decode_source(str(uri), str(rel), policy)
         ok = isinstance(img, NormalizedImage)
+        meta = _meta(img) if ok else dict.fromkeys(META_COLUMNS)
         out["image_id"].append(str(image_id))
         out["image_path"].append(str(rel))
         out["data"].append(img.data if ok else b"")
         out["error"].append("" if ok else f"{img.reason.value}: {img.detail}")
+        for k in META_COLUMNS:
+            out[k].append(meta[k])
     return out
 
 
@@ -117,7 +125,6 @@ class ConstructUDF:
         from .engine import VLMEngine
 
         self.cfg = ConstructConfig.model_validate_json(cfg_json)
-        self.policy = image_policy(self.cfg)
         t0 = time.perf_counter()
         engine = VLMEngine(self.cfg.model, self.cfg.resources, seed=self.cfg.generation.seed)
         self.engine_init_s = time.perf_counter() - t0  # reported once, with this actor's first batch
@@ -129,13 +136,13 @@ class ConstructUDF:
 
         t0 = time.perf_counter()
         inputs, failed = [], []
-        for image_id, rel, data, err in zip(batch["image_id"], batch["image_path"], batch["data"], batch["error"]):
+        for i, (image_id, rel, err) in enumerate(zip(batch["image_id"], batch["image_path"], batch["error"])):
             if err:
                 failed.append({"image_id": str(image_id), "image_path": str(rel), "sample_id": f"{image_id}-img",
                                "candidate_index": -1, "stage": "load", "reasons": [f"load: {err}"], "rounds": 0})
                 continue
-            img = normalize_image(bytes(data), str(rel), self.policy)  # already normalised: cheap, gives metadata
-            inputs.append(ImageInput(str(image_id), str(rel), img.data, _meta(img)))
+            meta = {k: _py(batch[k][i]) for k in META_COLUMNS}
+            inputs.append(ImageInput(str(image_id), str(rel), bytes(batch["data"][i]), meta))
         outcomes = self.constructor.construct(inputs)
         accepted, rejected, images = [], list(failed), []
         for r in failed:
@@ -156,6 +163,13 @@ class ConstructUDF:
         return {**{k: [im[k] for im in images] for k in ("image_id", "status", "n_accepted", "n_rejected",
                                                           "gen_tokens")},
                 "batch_seconds": [elapsed] * len(images), "engine_init_s": [init] * len(images)}
+
+
+def _py(value: Any) -> Any:
+    """numpy scalars / arrays from a Ray batch -> plain Python values for pyarrow."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value.item() if isinstance(value, np.generic) else value
 
 
 @dataclass

@@ -6,6 +6,7 @@ One run over bundled public-domain photos + every bad-input kind + planted dupli
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -155,6 +156,17 @@ def test_accepted_rows_passed_every_check_and_rejected_rows_say_why(run):
         if r["stage"] == "verify":
             assert r["rounds"] == run["cfg"].generation.max_rounds  # regenerated until the budget ran out
             assert len(r["reasons"]) >= r["rounds"]
+
+
+def test_rows_carry_the_metadata_of_the_original_file(run):
+    rows = _read(run["out"], "data") + _read(run["out"], "rejected")
+    assert rows
+    for r in rows:
+        original = (run["inp"] / r["image_path"]).read_bytes()
+        assert r["sha256"] == hashlib.sha256(original).hexdigest(), r["image_path"]
+        with Image.open(io.BytesIO(original)) as im:
+            assert (r["source_width"], r["source_height"]) == im.size
+        assert max(r["width"], r["height"]) <= run["cfg"].images.max_side and len(r["phash"]) == 16
 
 
 def test_different_images_give_different_generations(run):
