@@ -605,8 +605,11 @@ def _cluster_unique(emb: np.ndarray, weights: np.ndarray, *, max_categories: int
                                info=info)
     from sklearn.cluster import MiniBatchKMeans
 
-    km = MiniBatchKMeans(n_clusters=_N_MICRO_CLUSTERS, random_state=seed, batch_size=4096, n_init=3,
-                         max_iter=100, max_no_improvement=10, reassignment_ratio=0.01)
+    # Random init (best of 3 on a 3,072-text subsample): k-means++ with 1,024 centres cost 4-10x more here
+    # (measured: 12-30 s vs 3 s on 20k texts) for a ~5% lower inertia, irrelevant for a summary stage.
+    km = MiniBatchKMeans(n_clusters=_N_MICRO_CLUSTERS, init="random", n_init=3, init_size=3 * _N_MICRO_CLUSTERS,
+                         random_state=seed, batch_size=4096, max_iter=100, max_no_improvement=10,
+                         reassignment_ratio=0.01)
     micro = km.fit_predict(emb, sample_weight=weights)
     used, micro = np.unique(micro, return_inverse=True)
     centres = _l2_normalise(km.cluster_centers_[used])

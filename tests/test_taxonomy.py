@@ -86,18 +86,37 @@ MLCOMMONS_EXAMPLES = [
 PHYSICAL = ["child reaching a hot stove", "wet floor near electrical sockets", "icy stairs without a handrail"]
 
 
+class MemoEmbedder:
+    """The real embedder, memoised per text, so the many small builds below do not re-embed the same texts."""
+
+    def __init__(self, inner):
+        self.inner, self.name, self.cache = inner, inner.name, {}
+
+    def encode(self, texts):
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            self.cache.update(zip(missing, self.inner.encode(missing)))
+        return np.stack([self.cache[t] for t in texts]) if texts else np.zeros((0, self.inner.dim), np.float32)
+
+
 @pytest.fixture(scope="module")
-def embedder():
+def real_embedder():
     return load_default_embedder(device="cpu")
 
 
 @pytest.fixture(scope="module")
-def theme_taxonomy(embedder):
-    return build_taxonomy(HAZARDS, embedder, seed=0)
+def embedder(real_embedder):
+    return MemoEmbedder(real_embedder)
+
+
+@pytest.fixture(scope="module")
+def theme_taxonomy(real_embedder):
+    return build_taxonomy(HAZARDS, real_embedder, seed=0)
 
 
 # ---------------------------------------------------------------------------------------------------- embedder
-def test_embedder_shape_and_normalisation(embedder):
+def test_embedder_shape_and_normalisation(real_embedder):
+    embedder = real_embedder
     assert isinstance(embedder, Embedder)
     emb = embedder.encode(["open flame near stacked paper", "child reaching a hot stove", "x"])
     assert emb.shape == (3, 384) and emb.dtype == np.float32
@@ -145,8 +164,8 @@ def test_theme_rows_map_to_physical_extension(theme_taxonomy):
     assert all(-1.0 <= s <= 1.0 for s in theme_taxonomy.mlcommons_score)
 
 
-def test_deterministic_and_order_independent(embedder, theme_taxonomy):
-    again = build_taxonomy(HAZARDS, embedder, seed=0)
+def test_deterministic_and_order_independent(real_embedder, embedder, theme_taxonomy):
+    again = build_taxonomy(HAZARDS, real_embedder, seed=0)
     assert again.to_dict() == theme_taxonomy.to_dict()
     rev = build_taxonomy(HAZARDS[::-1], embedder, seed=0)
     assert [c.name for c in rev.categories] == [c.name for c in theme_taxonomy.categories]
