@@ -12,11 +12,26 @@ _TINY_WARNING = (
 )
 
 
-def _table(counts: dict[str, int], header: str) -> str:
+def _table(counts: dict[str, int], header: str, extra: dict[str, str] | None = None, extra_header: str = "") -> str:
     total = sum(counts.values()) or 1
-    rows = [f"| {header} | rows | share |", "| --- | ---: | ---: |"]
-    rows += [f"| {k} | {v} | {100 * v / total:.1f}% |" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
+    extra = extra or {}
+    rows = [f"| {header} | rows | share |" + (f" {extra_header} |" if extra_header else ""),
+            "| --- | ---: | ---: |" + (" --- |" if extra_header else "")]
+    for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        rows.append(f"| {k} | {v} | {100 * v / total:.1f}% |" + (f" {extra.get(k, '')} |" if extra_header else ""))
     return "\n".join(rows)
+
+
+def _examples(taxonomy: dict[str, Any] | None) -> dict[str, str]:
+    if not taxonomy:
+        return {}
+    return {c["name"]: "; ".join(c["examples"][:3]).replace("|", "/") for c in taxonomy["categories"]}
+
+
+def _reference_names() -> dict[str, str]:
+    from .taxonomy import REFERENCE_HAZARDS, UNMAPPED
+
+    return {**{h.code: h.name for h in REFERENCE_HAZARDS}, UNMAPPED: "no reference category close enough"}
 
 
 def write_card(root: Path, manifest: dict[str, Any], taxonomy: dict[str, Any] | None) -> Path:
@@ -57,7 +72,8 @@ def write_card(root: Path, manifest: dict[str, Any], taxonomy: dict[str, Any] | 
         "",
         "## Emergent risk categories",
         "",
-        _table(manifest["categories"], "category") if manifest["categories"] else "_no accepted samples_",
+        _table(manifest["categories"], "category", _examples(taxonomy), "most central hazards")
+        if manifest["categories"] else "_no accepted samples_",
         "",
     ]
     if manifest["files"].get("plot"):
@@ -65,7 +81,11 @@ def write_card(root: Path, manifest: dict[str, Any], taxonomy: dict[str, Any] | 
     lines += [
         "## Mapping to the MLCommons hazard taxonomy",
         "",
-        _table(manifest["mlcommons_categories"], "MLCommons") if manifest["mlcommons_categories"] else "_none_",
+        "Nearest MLCommons AILuminate / Llama Guard 3 category (S1-S13) per hazard; `X1` is rms_ray's extension for "
+        "physical injury and accidents, which that taxonomy does not cover; `unmapped` when nothing is close.",
+        "",
+        _table(manifest["mlcommons_categories"], "code", _reference_names(), "hazard")
+        if manifest["mlcommons_categories"] else "_none_",
         "",
         "## Files and loading",
         "",

@@ -55,9 +55,8 @@ def _categorise(accepted: pa.Table, cfg: ConstructConfig) -> tuple[pa.Table, dic
         tax = build_taxonomy(accepted.column("hazard").to_pylist(), load_default_embedder(cfg.taxonomy.embedder),
                              max_categories=cfg.taxonomy.max_categories,
                              unmapped_threshold=cfg.taxonomy.unmapped_threshold, seed=cfg.generation.seed)
-        names = {c.id: c.name for c in tax.categories}
-        cols = {"category_id": pa.array(tax.assignments, pa.int32()),
-                "category": pa.array([names[a] for a in tax.assignments], pa.string()),
+        cols = {"category_id": pa.array([a if a >= 0 else None for a in tax.assignments], pa.int32()),
+                "category": pa.array(tax.category_names(), pa.string()),
                 "mlcommons_category": pa.array(tax.mlcommons, pa.string()),
                 "mlcommons_score": pa.array(tax.mlcommons_score, pa.float32())}
     for name, col in cols.items():
