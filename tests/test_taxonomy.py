@@ -205,11 +205,12 @@ def test_single_hazard(embedder):
 
 
 def test_identical_and_blank_hazards(embedder):
-    texts = ["Open flame near stacked paper"] * 5 + ["open  flame near stacked PAPER", "  ", ""]
+    texts = ["Open flame near stacked paper"] * 5 + ["open  flame near stacked PAPER", "  ", None]
     tax = build_taxonomy(texts, embedder)
     assert len(tax.categories) == 1
     assert tax.assignments == [0] * 6 + [-1, -1]
     assert tax.categories[0].size == 6 and tax.categories[0].n_unique == 1
+    assert tax.categories[0].examples == ["Open flame near stacked paper"]
     assert tax.mlcommons[6:] == [UNMAPPED, UNMAPPED] and tax.mlcommons_score[6:] == [0.0, 0.0]
     assert len(set(tax.mlcommons[:6])) == 1
     assert tax.category_names()[-1] is None
