@@ -47,3 +47,29 @@ def ray_local():
     yield ray
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Recorder:
+    """Delegates to a real engine and keeps every request it was given (observation, not a mock)."""
+
+    def __init__(self, engine):
+        self.engine, self.requests = engine, []
+
+    def generate(self, requests):
+        self.requests += requests
+        return self.engine.generate(requests)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine():
+    """One real vLLM CPU engine (tiny model, cpu-tiny settings) in this process, shared by the in-process tests."""
+    import gc
+
+    from rms_ray.config import load_config
+    from rms_ray.engine import VLMEngine
+
+    cfg = load_config("cpu-tiny")
+    eng = VLMEngine(cfg.model, cfg.resources)
+    yield cfg, eng
+    del eng
+    gc.collect()

@@ -7,13 +7,12 @@ model-generated text sits inside <data> blocks, and (2) every output row still f
 
 from __future__ import annotations
 
-import gc
 import json
 import re
 
 import pytest
 
-from conftest import PHOTOS
+from conftest import PHOTOS, Recorder
 from rms_ray.config import load_config
 from rms_ray.construct import Constructor, ImageInput
 from rms_ray.images import ImagePolicy, NormalizedImage, normalize_image
@@ -25,26 +24,9 @@ N_FIGSTEP = 4
 DATA_BLOCK = re.compile(r"<data>.*?</data>", flags=re.S)
 
 
-class Recorder:
-    """Delegates to the real engine and keeps every request it was given."""
-
-    def __init__(self, engine):
-        self.engine, self.requests = engine, []
-
-    def generate(self, requests):
-        self.requests += requests
-        return self.engine.generate(requests)
-
-
 @pytest.fixture(scope="module")
-def engine():
-    from rms_ray.engine import VLMEngine
-
-    cfg = load_config("cpu-tiny")
-    eng = VLMEngine(cfg.model, cfg.resources)
-    yield cfg, eng
-    del eng
-    gc.collect()
+def engine(vllm_engine):
+    return vllm_engine
 
 
 def _inputs(paths):
