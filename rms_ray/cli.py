@@ -11,6 +11,7 @@ import typer
 import yaml
 
 from .config import CONFIG_DIR, ConfigError, load_config
+from .store import OutputConfigMismatch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build real-world multimodal safety (RMS) datasets with Ray Data + vLLM.")
@@ -50,7 +51,7 @@ def construct(
 
     try:
         manifest = run_construct(cfg, input, output, limit=limit, ray_address=ray_address, progress=progress)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, OutputConfigMismatch) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     a = manifest["accounting"]

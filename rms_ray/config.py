@@ -153,9 +153,11 @@ class ConstructConfig(_Strict):
     output: OutputConfig = OutputConfig()
 
     def config_hash(self) -> str:
-        """sha256 (hex, 16 chars) of the canonical JSON of this config; part of every manifest."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        """sha256 (hex, 16 chars) of the canonical JSON of everything that shapes the data: all sections but
+        ``profile`` (a label) and ``resources`` (how many engines, batch sizes: a resumed run may change them
+        without changing a row). Written into every row and manifest; a resume with another hash is refused."""
+        content = self.model_dump(mode="json", exclude={"profile", "resources"})
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ConfigError(ValueError):

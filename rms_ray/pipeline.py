@@ -290,6 +290,7 @@ def run_construct(cfg: ConstructConfig, input_spec: str, output_dir: str | Path,
         sources = sources[:limit]
     store = OutputStore(output_dir)
     store.prepare()
+    store.check_config(cfg.config_hash(), cfg.model_dump(mode="json"))
     started = init_ray(cfg, ray_address)
     try:
         t0 = time.perf_counter()

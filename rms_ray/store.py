@@ -137,6 +137,10 @@ def _full_features(schema: pa.Schema) -> dict[str, Any]:
     return out
 
 
+class OutputConfigMismatch(ValueError):
+    """An output folder already holds work made with a different data-shaping config."""
+
+
 class OutputStore:
     """An output folder (see module docstring). Cheap to construct; safe to use from many actors at once."""
 
@@ -152,6 +156,26 @@ class OutputStore:
             shutil.rmtree(self.tmp)
         for d in (self.commits, self.tmp):
             d.mkdir(parents=True, exist_ok=True)
+
+    def check_config(self, config_hash: str, config: dict[str, Any]) -> None:
+        """Bind this output folder to one data-shaping config: record it on first use, refuse another later.
+
+        Raises:
+            OutputConfigMismatch: the folder holds work made with a different ``config_hash``.
+        """
+        path = self.work / "run_config.json"
+        if path.exists():
+            recorded = json.loads(path.read_text())
+            if recorded["config_hash"] != config_hash:
+                raise OutputConfigMismatch(
+                    f"{self.root} holds work made with config hash {recorded['config_hash']} (see {path}); this run's "
+                    f"config hashes to {config_hash}. Resuming would mix rows made two ways: use a new --output, or "
+                    "the same model/images/generation/taxonomy/output settings (resources may differ).")
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"config_hash": config_hash, "config": config}, indent=2))
+        tmp.replace(path)
 
     def commit_shard(self, accepted: list[dict], rejected: list[dict], images: list[dict]) -> str:
         """Atomically commit one batch's rows. Returns the shard name. A batch committed before is left as is.

@@ -139,3 +139,14 @@ def test_construct_missing_input_exits_2(tmp_path: Path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert f"error: input {missing} does not exist" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_construct_refuses_to_mix_configs_in_one_output(tmp_path):
+    out = tmp_path / "out"
+    (out / "_work").mkdir(parents=True)
+    (out / "_work" / "run_config.json").write_text('{"config_hash": "0000000000000000", "config": {}}')
+    (tmp_path / "in").mkdir()
+    res = subprocess.run([str(RMS_RAY), "construct", "-c", "cpu-tiny", "-i", str(tmp_path / "in"), "-o", str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "holds work made with config hash 0000000000000000" in res.stderr

@@ -41,7 +41,7 @@ def test_cpu_tiny_values_and_defaults():
     assert cfg.model.source == "builtin:tiny"
     assert cfg.model.env == {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
     assert (cfg.resources.num_cpus_per_engine, cfg.resources.decode_num_cpus, cfg.resources.ray_num_cpus) == (1.0, 0.25, 2)
-    assert (cfg.generation.queries_per_image, cfg.generation.max_hazards, cfg.generation.max_rounds) == (2, 3, 3)
+    assert (cfg.generation.queries_per_image, cfg.generation.max_hazards, cfg.generation.max_rounds) == (2, 3, 4)
     assert cfg.generation.max_tokens.query == 48
     assert cfg.generation.text_limits.response == 200
     assert cfg.taxonomy.max_categories == 8
@@ -178,6 +178,9 @@ def test_config_hash_stable_and_sensitive(tmp_path):
     changed = load_config("cpu-tiny", {"generation.seed": 1})
     assert changed.config_hash() != a.config_hash()
     assert load_config("cpu-tiny", {"model.env.OMP_NUM_THREADS": "2"}).config_hash() != a.config_hash()
+    # resources and the profile label do not shape rows: a resume may change them
+    assert load_config("cpu-tiny", {"resources.batch_size": 3, "resources.engine_replicas": 2,
+                                    "profile": "renamed"}).config_hash() == a.config_hash()
     # same content, different key order, comments and file: same hash (canonical JSON)
     data = yaml.safe_load((CONFIG_DIR / "cpu-tiny.yaml").read_text())
     reordered = dict(reversed(list(data.items())))

@@ -4,6 +4,7 @@ pandas and Hugging Face `datasets` all read (image column decodes to a PIL image
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 from pathlib import Path
 
@@ -252,3 +253,15 @@ def test_final_files_readable_everywhere(store: OutputStore, tmp_path: Path):
     assert by_sample["smp_000"]["scene_entities"] == ["stove", "pan"]
     assert by_sample["smp_001"]["prompt_versions"]["verify_pair"] == "verify_pair@v1+00000000"
     assert by_sample["smp_001"]["mlcommons_score"] == pytest.approx(0.5)
+
+
+def test_output_is_bound_to_one_config(tmp_path):
+    from rms_ray.store import OutputConfigMismatch
+
+    store = OutputStore(tmp_path / "out")
+    store.prepare()
+    store.check_config("aaaa", {"x": 1})
+    store.check_config("aaaa", {"x": 1})  # same config: a resume
+    with pytest.raises(OutputConfigMismatch, match="config hash aaaa.*hashes to bbbb"):
+        store.check_config("bbbb", {"x": 2})
+    assert json.loads((tmp_path / "out" / "_work" / "run_config.json").read_text())["config_hash"] == "aaaa"
