@@ -202,3 +202,17 @@ def test_nonexistent_folder_message(tmp_path: Path):
 def test_read_bytes_missing(tmp_path: Path):
     with pytest.raises(OSError):
         read_bytes(str(tmp_path / "nope.jpg"))
+
+
+def test_uri_inputs_go_through_pyarrow_filesystems(tmp_path):
+    """file:// takes the same pyarrow.fs path as s3:// and gs://; ids match the plain local path."""
+    from rms_ray.sources import read_bytes
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.png").write_bytes(b"png-bytes")
+    (tmp_path / "d" / "b.JPG").write_bytes(b"jpg-bytes")
+    via_uri, _ = list_images(f"file://{tmp_path / 'd'}", (".png", ".jpg"))
+    local, _ = list_images(str(tmp_path / "d"), (".png", ".jpg"))
+    assert [s.image_id for s in via_uri] == [s.image_id for s in local] and len(local) == 2
+    assert all(s.uri.startswith("file://") for s in via_uri)
+    assert sorted(read_bytes(s.uri) for s in via_uri) == [b"jpg-bytes", b"png-bytes"]
