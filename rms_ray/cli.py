@@ -11,7 +11,6 @@ import typer
 import yaml
 
 from .config import CONFIG_DIR, ConfigError, load_config
-from .store import OutputConfigMismatch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build real-world multimodal safety (RMS) datasets with Ray Data + vLLM.")
@@ -40,7 +39,7 @@ def construct(
     config: str = typer.Option(..., "--config", "-c", help="YAML config file or profile name in configs/"),
     input: str = typer.Option(..., "--input", "-i", help="folder, glob, or .parquet/.jsonl listing of images"),
     output: Path = typer.Option(..., "--output", "-o", help="output folder (rerun into it to resume)"),
-    limit: Optional[int] = typer.Option(None, help="use only the first N images (by id)"),
+    limit: Optional[int] = typer.Option(None, min=1, help="use only the first N images (by id)"),
     set_: list[str] = typer.Option([], "--set", help="override a config key, e.g. --set generation.max_rounds=2"),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or local)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
@@ -51,10 +50,12 @@ def construct(
 
     try:
         manifest = run_construct(cfg, input, output, limit=limit, ray_address=ray_address, progress=progress)
-    except (FileNotFoundError, OutputConfigMismatch) as e:
+    except (FileNotFoundError, ValueError) as e:  # missing input, bad listing, an output we must not touch
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     a = manifest["accounting"]
+    if a["images_in"] == 0:
+        typer.echo(f"warning: no images found in {input} (extensions: {', '.join(cfg.images.extensions)})", err=True)
     typer.echo(
         f"\n{output}: {a['images_in']} images in = {a['images_accepted']} accepted + {a['images_rejected']} rejected"
         f" + {a['images_quarantined']} quarantined + {a['images_duplicate']} duplicates"

@@ -140,7 +140,9 @@ class Constructor:
             for i, req, out in zip(todo, batch, outs):
                 value, err = parse_output(out.text, req.schema)
                 spent = results[i][3] + out.num_tokens
-                if err and out.finish_reason == "length":
+                if out.finish_reason and out.finish_reason.startswith("error"):
+                    err = f"engine refused the request: {out.finish_reason[len('error: '):]}"
+                elif err and out.finish_reason == "length":
                     err = f"{err} (cut at max_tokens={req.max_tokens})"
                 results[i] = (value, err, out.text, spent)
                 if err:
@@ -175,7 +177,8 @@ class Constructor:
             if cerr or check["verdict"] != "safe":
                 reason = f"verify_image_alone: {cerr}" if cerr else f"image_alone=unsafe: {check['reason']}"
                 image_rejections[i] = {"stage": "verify_image_alone", "reasons": [reason], "raw_text": craw if cerr else None,
-                                       "scene": scene}
+                                       "scene": scene, "verdict_image_alone": None if cerr else check["verdict"],
+                                       "reason_image_alone": None if cerr else check["reason"]}
                 continue
             for k, hz in enumerate(scene["hazards"][: g.queries_per_image]):
                 c = Candidate(image=i, k=k, hazard=hz["hazard"], why_here=hz["why_here"])
@@ -301,7 +304,9 @@ class Constructor:
                 rej = image_rejections[i]
                 rejected.append({**self._common(im, rej.get("scene") or scenes[i]), "sample_id": f"{im.image_id}-img",
                                  "candidate_index": -1, "stage": rej["stage"], "reasons": rej["reasons"],
-                                 "raw_text": rej.get("raw_text"), "rounds": 0})
+                                 "raw_text": rej.get("raw_text"), "rounds": 0,
+                                 "verdict_image_alone": rej.get("verdict_image_alone"),
+                                 "reason_image_alone": rej.get("reason_image_alone")})
             for c in per_image.get(i, []):
                 row = {
                     **self._common(im, scenes[i]),

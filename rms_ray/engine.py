@@ -129,7 +129,11 @@ class VLMEngine:
         return [{"role": "system", "content": req.system}, {"role": "user", "content": content}]
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
-        """Run ``requests`` as one batch; returns one result per request, in order. Empty in, empty out."""
+        """Run ``requests`` as one batch; returns one result per request, in order. Empty in, empty out.
+
+        A request vLLM refuses (e.g. a prompt longer than ``max_model_len``) does not fail the batch: it comes back
+        with ``text=""`` and ``finish_reason="error: ..."``, and the caller records it as a rejection.
+        """
         if not requests:
             return []
         from vllm import SamplingParams
@@ -145,8 +149,21 @@ class VLMEngine:
             )
             for r in requests
         ]
-        outputs = self.llm.chat([self.messages(r) for r in requests], params, use_tqdm=False)
+        try:
+            outputs = self.llm.chat([self.messages(r) for r in requests], params, use_tqdm=False)
+        except ValueError:  # VLLMValidationError etc.: one bad request (e.g. longer than max_model_len)
+            if len(requests) == 1:
+                raise
+            # vLLM aborts what it had added; rerun one by one so only the offending requests fail.
+            return [self._one(r, p) for r, p in zip(requests, params)]
         return [
             GenResult(text=o.outputs[0].text, num_tokens=len(o.outputs[0].token_ids), finish_reason=o.outputs[0].finish_reason)
             for o in outputs
         ]
+
+    def _one(self, request: GenRequest, params: Any) -> GenResult:
+        try:
+            o = self.llm.chat([self.messages(request)], [params], use_tqdm=False)[0].outputs[0]
+        except ValueError as e:
+            return GenResult(text="", num_tokens=0, finish_reason=f"error: {str(e)[:300]}")
+        return GenResult(text=o.text, num_tokens=len(o.token_ids), finish_reason=o.finish_reason)

@@ -80,11 +80,9 @@ def finalize(store: OutputStore, cfg: ConstructConfig, plan: Any, stats: Any, ti
         when every input image is accounted for: images_in == accepted + rejected + quarantined + duplicates.
     """
     t0 = time.perf_counter()
-    canonical = pa.array([s.image_id for s in plan.canonical], pa.string())
-    accepted, rejected, images, dropped = store.read_committed()
-    stale = images.num_rows - int(pc.sum(pc.is_in(images.column("image_id"), canonical)).as_py() or 0)
-    keep = lambda t: t.filter(pc.is_in(t.column("image_id"), canonical))  # noqa: E731  rows of this input only
-    accepted, rejected, images = (keep(t).sort_by("image_id") for t in (accepted, rejected, images))
+    # only commits of this input's canonical images, with the content they have now
+    accepted, rejected, images, dropped = store.read_committed({s.image_id: plan.shas[s.image_id]
+                                                                 for s in plan.canonical})
     accepted = accepted.sort_by([("image_id", "ascending"), ("candidate_index", "ascending")])
     rejected = rejected.sort_by([("image_id", "ascending"), ("candidate_index", "ascending")])
     accepted, taxonomy_dict, tax = _categorise(accepted, cfg)
@@ -115,8 +113,7 @@ def finalize(store: OutputStore, cfg: ConstructConfig, plan: Any, stats: Any, ti
         "samples_accepted": accepted.num_rows,
         "samples_rejected": rejected.num_rows,
         "listing_repeated_entries": plan.repeated_entries,
-        "stale_committed_images_ignored": stale,
-        "duplicate_commits_dropped": dropped,
+        "committed_images_ignored": dropped,  # not in this input, changed since, or committed twice
     }
     acct["balanced"] = acct["images_in"] == (acct["images_accepted"] + acct["images_rejected"]
                                              + acct["images_quarantined"] + acct["images_duplicate"])
@@ -130,7 +127,7 @@ def finalize(store: OutputStore, cfg: ConstructConfig, plan: Any, stats: Any, ti
                "total_s": round(time.perf_counter() - t_start, 3)}
     manifest = {
         "format": "rms_ray.dataset/v1",
-        "input": input_spec,
+        "input": input_spec if "://" in input_spec else str(Path(input_spec).resolve()),
         "profile": cfg.profile,
         "config": cfg.model_dump(mode="json"),
         "config_hash": cfg.config_hash(),

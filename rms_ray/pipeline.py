@@ -54,12 +54,18 @@ def _meta(img: NormalizedImage) -> dict[str, Any]:
             "source_format": img.source_format, "image_notes": list(img.notes)}
 
 
+def _int(value: Any) -> int | None:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else int(value)
+
+
 def ingest_batch(batch: dict[str, np.ndarray], policy: ImagePolicy) -> dict[str, list]:
     """Ray Data batch UDF: decode + hash each input; returns metadata only (no pixels). Stateless, retry-safe."""
     rows = []
-    for image_id, uri, rel in zip(batch["image_id"], batch["uri"], batch["rel_path"]):
+    for image_id, uri, rel, size, mtime in zip(batch["image_id"], batch["uri"], batch["rel_path"], batch["size"],
+                                               batch["mtime_ns"]):
         out = decode_source(str(uri), str(rel), policy)
-        row: dict[str, Any] = {"image_id": str(image_id), "image_path": str(rel)}
+        row: dict[str, Any] = {"image_id": str(image_id), "image_path": str(rel), "size": _int(size),
+                               "mtime_ns": _int(mtime)}
         if isinstance(out, NormalizedImage):
             row.update(_meta(out), status="ok")
         else:
@@ -68,14 +74,20 @@ def ingest_batch(batch: dict[str, np.ndarray], policy: ImagePolicy) -> dict[str,
     return table(rows, INGEST_SCHEMA).to_pydict()
 
 
-def _items(sources: list[ImageSource]) -> list[dict[str, str]]:
-    return [{"image_id": s.image_id, "uri": s.uri, "rel_path": s.rel_path} for s in sources]
+def _items(sources: list[ImageSource]) -> list[dict[str, Any]]:
+    return [{"image_id": s.image_id, "uri": s.uri, "rel_path": s.rel_path, "size": s.size, "mtime_ns": s.mtime_ns}
+            for s in sources]
 
 
 def ingest(sources: list[ImageSource], cfg: ConstructConfig, store: OutputStore) -> pa.Table:
-    """Decode + hash every source once; cached per image id in ``_work/ingest.parquet`` (reused on resume)."""
+    """Decode + hash every source once; cached in ``_work/ingest.parquet`` per (image id, size, mtime), so a
+    resumed run re-reads only files that are new or changed. Returns one row per source, sorted by id."""
     path = store.work / "ingest.parquet"
     cached = pq.read_table(path) if path.exists() else INGEST_SCHEMA.empty_table()
+    fresh = {(s.image_id, s.size, s.mtime_ns) for s in sources if s.size is not None}
+    keys = zip(*(cached.column(c).to_pylist() for c in ("image_id", "size", "mtime_ns")))
+    reuse = pa.array([k in fresh for k in keys], pa.bool_())
+    cached = cached.filter(reuse) if len(cached) else cached
     have = set(cached.column("image_id").to_pylist())
     missing = [s for s in sources if s.image_id not in have]
     if missing:
@@ -99,8 +111,8 @@ def load_images(batch: dict[str, np.ndarray], policy: ImagePolicy) -> dict[str, 
     """Ray Data batch UDF before the engine: read + normalise again, attach the normalised bytes and metadata. An
     input that fails now though it passed ingest (changed on disk) is passed on with ``error`` set and recorded as
     rejected, not dropped."""
-    out: dict[str, list] = {k: [] for k in ("image_id", "image_path", "data", "error", *META_COLUMNS)}
-    for image_id, uri, rel in zip(batch["image_id"], batch["uri"], batch["rel_path"]):
+    out: dict[str, list] = {k: [] for k in ("image_id", "image_path", "data", "error", "ingest_sha256", *META_COLUMNS)}
+    for image_id, uri, rel, ingest_sha in zip(batch["image_id"], batch["uri"], batch["rel_path"], batch["sha256"]):
         img = decode_source(str(uri), str(rel), policy)
         ok = isinstance(img, NormalizedImage)
         meta = _meta(img) if ok else dict.fromkeys(META_COLUMNS)
@@ -108,6 +120,7 @@ def load_images(batch: dict[str, np.ndarray], policy: ImagePolicy) -> dict[str, 
         out["image_path"].append(str(rel))
         out["data"].append(img.data if ok else b"")
         out["error"].append("" if ok else f"{img.reason.value}: {img.detail}")
+        out["ingest_sha256"].append(str(ingest_sha))
         for k in META_COLUMNS:
             out[k].append(meta[k])
     return out
@@ -137,17 +150,18 @@ class ConstructUDF:
         t0 = time.perf_counter()
         inputs, failed = [], []
         for i, (image_id, rel, err) in enumerate(zip(batch["image_id"], batch["image_path"], batch["error"])):
-            if err:
+            if err:  # changed or vanished since ingest: rejected under the content ingest saw
                 failed.append({"image_id": str(image_id), "image_path": str(rel), "sample_id": f"{image_id}-img",
-                               "candidate_index": -1, "stage": "load", "reasons": [f"load: {err}"], "rounds": 0})
+                               "candidate_index": -1, "stage": "load", "reasons": [f"load: {err}"], "rounds": 0,
+                               "ingest_sha256": str(batch["ingest_sha256"][i])})
                 continue
             meta = {k: _py(batch[k][i]) for k in META_COLUMNS}
             inputs.append(ImageInput(str(image_id), str(rel), bytes(batch["data"][i]), meta))
         outcomes = self.constructor.construct(inputs)
         accepted, rejected, images = [], list(failed), []
         for r in failed:
-            images.append({"image_id": r["image_id"], "status": "rejected", "n_accepted": 0, "n_rejected": 1,
-                           "gen_tokens": 0})
+            images.append({"image_id": r["image_id"], "sha256": r.pop("ingest_sha256"), "status": "rejected",
+                           "n_accepted": 0, "n_rejected": 1, "gen_tokens": 0})
         by_id = {im.image_id: im for im in inputs}
         for o in outcomes:
             if self.cfg.output.embed_images:
@@ -155,7 +169,8 @@ class ConstructUDF:
                     row["image"] = {"bytes": by_id[o.image_id].data, "path": row["image_path"]}
             accepted += o.accepted
             rejected += o.rejected
-            images.append({"image_id": o.image_id, "status": o.status, "n_accepted": len(o.accepted),
+            images.append({"image_id": o.image_id, "sha256": by_id[o.image_id].meta["sha256"],
+                           "status": o.status, "n_accepted": len(o.accepted),
                            "n_rejected": len(o.rejected), "gen_tokens": o.gen_tokens})
         self.store.commit_shard(accepted, rejected, images)
         elapsed = time.perf_counter() - t0
@@ -185,9 +200,10 @@ class GenerationStats:
     per_status: dict[str, int] = field(default_factory=dict)
 
 
-def generate(todo: list[ImageSource], cfg: ConstructConfig, store: OutputStore,
+def generate(todo: list[ImageSource], shas: dict[str, str], cfg: ConstructConfig, store: OutputStore,
              on_image: Callable[[dict[str, Any]], None] | None = None) -> GenerationStats:
-    """Stream ``todo`` through the engine actor pool; ``on_image`` is called with each image's summary row."""
+    """Stream ``todo`` through the engine actor pool; ``on_image`` is called with each image's summary row.
+    ``shas`` maps image id -> sha256 seen at ingest."""
     import ray
 
     stats = GenerationStats()
@@ -195,7 +211,8 @@ def generate(todo: list[ImageSource], cfg: ConstructConfig, store: OutputStore,
         return stats
     res = cfg.resources
     t0 = time.perf_counter()
-    ds = ray.data.from_items(_items(todo), override_num_blocks=max(1, -(-len(todo) // res.batch_size)))
+    items = [{**it, "sha256": shas[it["image_id"]]} for it in _items(todo)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(todo) // res.batch_size)))
     ds = ds.map_batches(load_images, fn_kwargs={"policy": image_policy(cfg)}, batch_size=res.batch_size,
                         num_cpus=res.decode_num_cpus)
     ds = ds.map_batches(
@@ -259,6 +276,7 @@ class Plan:
     duplicates: list[Any]
     canonical: list[ImageSource]
     todo: list[ImageSource]
+    shas: dict[str, str]  # image id -> sha256 at ingest, for every normalised input
 
 
 def plan(sources: list[ImageSource], repeated: int, cfg: ConstructConfig, store: OutputStore) -> Plan:
@@ -270,9 +288,10 @@ def plan(sources: list[ImageSource], repeated: int, cfg: ConstructConfig, store:
     dup_ids = {d.image_id for d in dups}
     ok_ids = set(ok.column("image_id").to_pylist())
     canonical = [s for s in sources if s.image_id in ok_ids and s.image_id not in dup_ids]
-    done = store.done_image_ids()
-    todo = [s for s in canonical if s.image_id not in done]
-    return Plan(sources, repeated, ing, dups, canonical, todo)
+    shas = dict(zip(ok.column("image_id").to_pylist(), ok.column("sha256").to_pylist()))
+    done = store.done_keys()
+    todo = [s for s in canonical if (s.image_id, shas[s.image_id]) not in done]
+    return Plan(sources, repeated, ing, dups, canonical, todo, shas)
 
 
 def run_construct(cfg: ConstructConfig, input_spec: str, output_dir: str | Path, *, limit: int | None = None,
@@ -285,12 +304,14 @@ def run_construct(cfg: ConstructConfig, input_spec: str, output_dir: str | Path,
     from .finalize import finalize
 
     t_start = time.perf_counter()
-    sources, repeated = list_images(input_spec, tuple(cfg.images.extensions))  # fail fast, before Ray starts
+    out_abs = str(Path(output_dir).expanduser().resolve())
+    # fail fast, before Ray starts; never read our own output back in as input
+    sources, repeated = list_images(input_spec, tuple(cfg.images.extensions), exclude=out_abs)
     if limit is not None:
         sources = sources[:limit]
     store = OutputStore(output_dir)
-    store.prepare()
     store.check_config(cfg.config_hash(), cfg.model_dump(mode="json"))
+    store.prepare()
     started = init_ray(cfg, ray_address)
     try:
         t0 = time.perf_counter()
@@ -309,7 +330,7 @@ def run_construct(cfg: ConstructConfig, input_spec: str, output_dir: str | Path,
                 bar.update(1)
                 bar.set_postfix(counts)
 
-        stats = generate(p.todo, cfg, store, on_image)
+        stats = generate(p.todo, p.shas, cfg, store, on_image)
         if bar is not None:
             bar.close()
         timings = {"plan_s": round(t_plan, 3), "generate_s": round(stats.seconds, 3)}

@@ -63,13 +63,14 @@ ACCEPTED_SCHEMA = pa.schema([*ACCEPTED_WORK_SCHEMA, *CATEGORY_FIELDS, ("config_h
 REJECTED_SCHEMA = pa.schema([SAMPLE_FIELDS[0], *IMAGE_FIELDS, *SCENE_FIELDS, *SAMPLE_FIELDS[1:],
                              ("stage", _STR), ("raw_text", _STR), *PROVENANCE_FIELDS])
 #: Per image outcome of a committed batch.
-IMAGES_SCHEMA = pa.schema([("image_id", _STR), ("status", _STR), ("n_accepted", _I32), ("n_rejected", _I32),
-                           ("gen_tokens", pa.int64())])
+IMAGES_SCHEMA = pa.schema([("image_id", _STR), ("sha256", _STR), ("status", _STR), ("n_accepted", _I32),
+                           ("n_rejected", _I32), ("gen_tokens", pa.int64())])
 QUARANTINE_SCHEMA = pa.schema([("image_id", _STR), ("image_path", _STR), ("reason", _STR), ("detail", _STR),
                                ("sha256", _STR)])
 DUPLICATES_SCHEMA = pa.schema([("image_id", _STR), ("image_path", _STR), ("duplicate_of", _STR),
                                ("duplicate_of_path", _STR), ("kind", _STR), ("distance", _I32)])
-INGEST_SCHEMA = pa.schema([*IMAGE_FIELDS, ("status", _STR), ("reason", _STR), ("detail", _STR)])
+INGEST_SCHEMA = pa.schema([*IMAGE_FIELDS, ("status", _STR), ("reason", _STR), ("detail", _STR),
+                           ("size", pa.int64()), ("mtime_ns", pa.int64())])
 
 # `datasets.load_dataset("parquet", ...)` reads this key and decodes `image` as an Image feature.
 _HF_FEATURES = {"image": {"_type": "Image"}}
@@ -137,7 +138,11 @@ def _full_features(schema: pa.Schema) -> dict[str, Any]:
     return out
 
 
-class OutputConfigMismatch(ValueError):
+class OutputError(ValueError):
+    """An output folder this run must not write into (the message says why and what to do)."""
+
+
+class OutputConfigMismatch(OutputError):
     """An output folder already holds work made with a different data-shaping config."""
 
 
@@ -159,11 +164,19 @@ class OutputStore:
 
     def check_config(self, config_hash: str, config: dict[str, Any]) -> None:
         """Bind this output folder to one data-shaping config: record it on first use, refuse another later.
+        Call before :meth:`prepare`.
 
         Raises:
             OutputConfigMismatch: the folder holds work made with a different ``config_hash``.
+            OutputError: the path is a file, or a non-empty folder that rms_ray did not make.
         """
         path = self.work / "run_config.json"
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputError(f"output {self.root} exists and is not a folder")
+        if not path.exists() and self.root.exists() and any(self.root.iterdir()):
+            raise OutputError(
+                f"output {self.root} is not empty and was not made by rms_ray (no {path.relative_to(self.root)}): "
+                "refusing to overwrite files there; use an empty or new folder")
         if path.exists():
             recorded = json.loads(path.read_text())
             if recorded["config_hash"] != config_hash:
@@ -205,16 +218,21 @@ class OutputStore:
     def _shards(self) -> list[Path]:
         return sorted(p for p in self.commits.glob("*") if p.is_dir()) if self.commits.exists() else []
 
-    def done_image_ids(self) -> set[str]:
-        """Image ids of every committed batch (to skip on resume)."""
-        ids: set[str] = set()
+    def done_keys(self) -> set[tuple[str, str | None]]:
+        """``(image_id, sha256)`` of every committed image: a resumed run skips an image only if its file still
+        has the same content."""
+        keys: set[tuple[str, str | None]] = set()
         for shard in self._shards():
-            ids.update(pq.read_table(shard / "images.parquet", columns=["image_id"]).column(0).to_pylist())
-        return ids
+            t = pq.read_table(shard / "images.parquet", columns=["image_id", "sha256"])
+            keys.update(zip(t.column(0).to_pylist(), t.column(1).to_pylist()))
+        return keys
 
-    def read_committed(self) -> tuple[pa.Table, pa.Table, pa.Table, int]:
-        """Concatenate committed shards into (accepted, rejected, images, n_duplicate_image_commits_dropped).
+    def read_committed(self, wanted: dict[str, str | None] | None = None) -> tuple[pa.Table, pa.Table, pa.Table, int]:
+        """Concatenate committed shards into (accepted, rejected, images, n_image_commits_dropped).
 
+        Args:
+            wanted: ``{image_id: sha256}`` of the current input; commits of other ids, or of an older content of
+                the same id (the file changed), are dropped. None keeps every id.
         An image committed in two shards (possible only if a batch were re-split after a failure) is kept from
         the first shard by name only, so every image contributes its rows exactly once.
         """
@@ -223,8 +241,9 @@ class OutputStore:
         dropped = 0
         for shard in self._shards():
             images = pq.read_table(shard / "images.parquet")
-            ids = images.column("image_id").to_pylist()
-            keep = [i for i in ids if i not in seen]
+            ids, shas = images.column("image_id").to_pylist(), images.column("sha256").to_pylist()
+            keep = [i for i, h in zip(ids, shas)
+                    if i not in seen and (wanted is None or (i in wanted and wanted[i] == h))]
             dropped += len(ids) - len(keep)
             seen.update(keep)
             keep_set = pa.array(keep, _STR)

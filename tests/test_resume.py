@@ -87,3 +87,30 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path, ray_loca
     assert not list((out / "_work" / "tmp").iterdir())  # the killed run's uncommitted shard was cleaned up
     for e in (env, env2):
         shutil.rmtree(e["RMS_RAY_TMPDIR"], ignore_errors=True)
+
+
+def test_changed_file_under_the_same_name_is_regenerated_and_own_output_is_not_input(tmp_path, ray_local):
+    """Resume keys on (image id, content): an edited photo is redone, its old rows dropped. The output folder
+    sits inside the input folder here, and must never be read back as input (its categories.png, say)."""
+    import hashlib
+
+    from rms_ray.pipeline import run_construct
+
+    inp = tmp_path / "photos"
+    inp.mkdir()
+    shutil.copy(PHOTOS / "coins.png", inp / "x.png")
+    shutil.copy(PHOTOS / "chelsea.png", inp / "y.png")
+    out = inp / "dataset"
+    cfg = load_config("cpu-tiny")
+    first = run_construct(cfg, str(inp), out, progress=False)
+    assert first["accounting"]["images_in"] == 2 and first["this_run"]["images_generated"] == 2
+
+    shutil.copy(PHOTOS / "brick.png", inp / "x.png")  # same name, new content
+    second = run_construct(cfg, str(inp), out, progress=False)
+    assert second["accounting"]["images_in"] == 2  # dataset/categories.png etc. were not listed
+    assert second["this_run"]["images_generated"] == 1  # only the changed file
+    assert second["accounting"]["committed_images_ignored"] == 1  # the old x.png commit
+    assert second["accounting"]["balanced"]
+    brick = hashlib.sha256((PHOTOS / "brick.png").read_bytes()).hexdigest()
+    rows = [r for sub in ("data", "rejected") for r in _rows(out, sub) if r["image_path"] == "x.png"]
+    assert rows and {r["sha256"] for r in rows} == {brick}

@@ -92,8 +92,8 @@ def test_glob(tree: Path):
     assert repeated == 0
     assert [(s.rel_path, s.uri) for s in sources] == [("a.jpg", str(tree / "a.jpg"))]
     assert sources[0].image_id == _id("a.jpg")
-    # the glob is the filter: extensions do not apply, and [..] classes work
-    assert {s.rel_path for s in list_images(str(tree / "[ng]*"), EXT)[0]} == {"notes.txt", "g.tiff"}
+    # [..] classes work, and the extension filter applies to globs too (notes.txt is not an image)
+    assert {s.rel_path for s in list_images(str(tree / "[ng]*"), EXT)[0]} == {"g.tiff"}
     # ids from a glob equal ids from listing the folder (relative to the glob's root)
     by_folder = {s.rel_path: s.image_id for s in list_images(str(tree), EXT)[0]}
     by_glob = {s.rel_path: s.image_id for s in list_images(str(tree / "sub" / "*"), EXT)[0]}
@@ -162,13 +162,36 @@ def test_listing_column_priority(tmp_path: Path):
 
 def test_repeated_entries_counted(tmp_path: Path):
     rows = [{"path": "a.jpg"}, {"path": "b.jpg"}, {"path": "a.jpg"}, {"path": "a.jpg"},
-            {"path": "c.jpg", "id": "same"}, {"path": "d.jpg", "id": "same"}]
+            {"path": "c.jpg", "id": "same"}, {"path": "c.jpg", "id": "same"}, {"path": "e.jpg", "id": 0}]
     (tmp_path / "l.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     sources, repeated = list_images(str(tmp_path / "l.jsonl"), EXT)
     assert repeated == 3
-    assert len(sources) == 3
-    # the first listed entry of a repeated id wins
-    assert {s.image_id: s.rel_path for s in sources}[_id("same")] == "c.jpg"
+    assert {s.image_id: s.rel_path for s in sources} == {
+        _id("a.jpg"): "a.jpg", _id("b.jpg"): "b.jpg", _id("same"): "c.jpg", _id("0"): "e.jpg"}  # id 0 is an id
+
+
+def test_one_id_for_two_files_is_an_error_not_a_silent_drop(tmp_path: Path):
+    rows = [{"path": "c.jpg", "id": "same"}, {"path": "d.jpg", "id": "same"}]
+    (tmp_path / "l.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match="one id names two different files .1.: 'same': c.jpg and d.jpg"):
+        list_images(str(tmp_path / "l.jsonl"), EXT)
+
+
+def test_malformed_listings_name_the_line(tmp_path: Path):
+    (tmp_path / "l.jsonl").write_text('{"path": "a.jpg"}\n{not json\n')
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        list_images(str(tmp_path / "l.jsonl"), EXT)
+    (tmp_path / "m.jsonl").write_text('{"path": "a.jpg"}\n{"path": null}\n')
+    with pytest.raises(ValueError, match="row 2: no 'path' value"):
+        list_images(str(tmp_path / "m.jsonl"), EXT)
+
+
+def test_exclude_and_file_metadata(tmp_path: Path):
+    _touch(tmp_path, "in/a.jpg", b"abc")
+    _touch(tmp_path, "in/out/categories.png", b"x")
+    sources, _ = list_images(str(tmp_path / "in"), EXT, exclude=str((tmp_path / "in" / "out").resolve()))
+    assert [s.rel_path for s in sources] == ["a.jpg"]
+    assert sources[0].size == 3 and sources[0].mtime_ns > 0
 
 
 def test_listing_without_path_column(tmp_path: Path):

@@ -60,8 +60,8 @@ def test_table():
     t = table([{"image_id": "a", "status": "accepted"}, {"image_id": "b", "gen_tokens": 7}], IMAGES_SCHEMA)
     assert t.schema == IMAGES_SCHEMA
     assert t.to_pylist() == [
-        {"image_id": "a", "status": "accepted", "n_accepted": None, "n_rejected": None, "gen_tokens": None},
-        {"image_id": "b", "status": None, "n_accepted": None, "n_rejected": None, "gen_tokens": 7},
+        {"image_id": "a", "sha256": None, "status": "accepted", "n_accepted": None, "n_rejected": None, "gen_tokens": None},
+        {"image_id": "b", "sha256": None, "status": None, "n_accepted": None, "n_rejected": None, "gen_tokens": 7},
     ]
     assert table([], ACCEPTED_SCHEMA).schema == ACCEPTED_SCHEMA
     assert table([], ACCEPTED_SCHEMA).num_rows == 0
@@ -80,7 +80,7 @@ def test_shard_name():
 
 def test_prepare_creates_layout(tmp_path: Path):
     s = OutputStore(tmp_path / "new")
-    assert s.done_image_ids() == set()
+    assert {k[0] for k in s.done_keys()} == set()
     s.prepare()
     assert (tmp_path / "new" / "_work" / "commits").is_dir() and (tmp_path / "new" / "_work" / "tmp").is_dir()
 
@@ -95,11 +95,11 @@ def test_commit_then_done_ids(store: OutputStore):
     assert pq.read_table(shard / "rejected.parquet").schema == REJECTED_SCHEMA
     assert pq.read_table(shard / "images.parquet").schema == IMAGES_SCHEMA
     assert list(store.tmp.iterdir()) == []  # the tmp folder was renamed away
-    assert store.done_image_ids() == {"img_a", "img_b"}
+    assert {k[0] for k in store.done_keys()} == {"img_a", "img_b"}
     store.commit_shard([], [], [_img("img_c")])
-    assert store.done_image_ids() == {"img_a", "img_b", "img_c"}
+    assert {k[0] for k in store.done_keys()} == {"img_a", "img_b", "img_c"}
     # a fresh object over the same folder (a resumed run) sees the same
-    assert OutputStore(store.root).done_image_ids() == {"img_a", "img_b", "img_c"}
+    assert {k[0] for k in OutputStore(store.root).done_keys()} == {"img_a", "img_b", "img_c"}
 
 
 def test_same_batch_twice_keeps_one_shard(store: OutputStore):
@@ -124,7 +124,7 @@ def test_bad_rows_commit_nothing(store: OutputStore):
     with pytest.raises(ValueError, match=r"columns not in schema: \['nope'\]"):
         store.commit_shard([{**_acc("img_a", "s1"), "nope": 1}], [], [_img("img_a")])
     assert list(store.commits.iterdir()) == []
-    assert store.done_image_ids() == set()
+    assert {k[0] for k in store.done_keys()} == set()
 
 
 def test_prepare_removes_leftover_tmp_and_keeps_commits(store: OutputStore):
@@ -135,7 +135,7 @@ def test_prepare_removes_leftover_tmp_and_keeps_commits(store: OutputStore):
     store.prepare()
     assert store.tmp.is_dir() and list(store.tmp.iterdir()) == []
     assert [p.name for p in store.commits.iterdir()] == [name]
-    assert store.done_image_ids() == {"img_a"}  # the killed batch is not counted as done
+    assert {k[0] for k in store.done_keys()} == {"img_a"}  # the killed batch is not counted as done
 
 
 def test_read_committed_drops_image_committed_twice(store: OutputStore):
@@ -145,7 +145,7 @@ def test_read_committed_drops_image_committed_twice(store: OutputStore):
     s2 = store.commit_shard([_acc("img_b", "B-b"), _acc("img_c", "B-c")], [_rej("img_b", "B-rb"), _rej("img_c", "B-rc")],
                             [_img("img_b"), _img("img_c")])
     assert s1 != s2
-    assert store.done_image_ids() == {"img_a", "img_b", "img_c"}
+    assert {k[0] for k in store.done_keys()} == {"img_a", "img_b", "img_c"}
     acc, rej, img, dropped = store.read_committed()
     assert dropped == 1
     assert (acc.schema, rej.schema, img.schema) == (ACCEPTED_WORK_SCHEMA, REJECTED_SCHEMA, IMAGES_SCHEMA)
@@ -259,9 +259,25 @@ def test_output_is_bound_to_one_config(tmp_path):
     from rms_ray.store import OutputConfigMismatch
 
     store = OutputStore(tmp_path / "out")
-    store.prepare()
     store.check_config("aaaa", {"x": 1})
+    store.prepare()
     store.check_config("aaaa", {"x": 1})  # same config: a resume
     with pytest.raises(OutputConfigMismatch, match="config hash aaaa.*hashes to bbbb"):
         store.check_config("bbbb", {"x": 2})
     assert json.loads((tmp_path / "out" / "_work" / "run_config.json").read_text())["config_hash"] == "aaaa"
+
+
+def test_foreign_or_file_outputs_are_refused_untouched(tmp_path):
+    from rms_ray.store import OutputError
+
+    foreign = tmp_path / "mine"
+    (foreign / "data").mkdir(parents=True)
+    (foreign / "data" / "train-00000-of-00003.parquet").write_bytes(b"user data")
+    with pytest.raises(OutputError, match="not empty and was not made by rms_ray"):
+        OutputStore(foreign).check_config("aaaa", {})
+    assert (foreign / "data" / "train-00000-of-00003.parquet").read_bytes() == b"user data"
+    assert not (foreign / "_work").exists()
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputError, match="is not a folder"):
+        OutputStore(tmp_path / "f").check_config("aaaa", {})
+    OutputStore(tmp_path / "empty").check_config("aaaa", {})  # a new folder is fine
