@@ -144,7 +144,7 @@ class OutputConfig(_Strict):
 class ConstructConfig(_Strict):
     """Everything one ``rms-ray construct`` run needs. Load with :func:`load_config`."""
 
-    profile: str = Field(..., description="name of this profile, recorded in the manifest")
+    profile: str = Field("custom", description="name of this profile, recorded in the manifest")
     model: ModelConfig = ModelConfig()
     resources: ResourcesConfig = ResourcesConfig()
     images: ImagesConfig = ImagesConfig()
@@ -158,6 +158,17 @@ class ConstructConfig(_Strict):
         without changing a row). Written into every row and manifest; a resume with another hash is refused."""
         content = self.model_dump(mode="json", exclude={"profile", "resources"})
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last one, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        dup = sorted({str(k) for k in keys if keys.count(k) > 1})
+        if dup:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key(s) {', '.join(dup)}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
 
 class ConfigError(ValueError):
@@ -201,14 +212,14 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
     """
     path = resolve_config_path(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"config {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level, got {type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         node = data
-        *parents, leaf = dotted.split(".")
+        *parents, leaf = [part.strip() for part in dotted.strip().split(".")]
         for key in parents:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):

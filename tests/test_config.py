@@ -214,11 +214,9 @@ def test_invalid_yaml(tmp_path):
     assert str(ei.value).startswith(f"config {p} is not valid YAML: ")
 
 
-def test_empty_yaml_needs_profile(tmp_path):
-    p = _write(tmp_path, "")
-    with pytest.raises(ConfigError) as ei:
-        load_config(p)
-    assert str(ei.value).splitlines()[1:] == ["  - profile: Field required (got {})"]
+def test_empty_yaml_is_all_defaults_with_profile_custom(tmp_path):
+    cfg = load_config(_write(tmp_path, ""))
+    assert cfg.profile == "custom" and cfg.model.source == "builtin:tiny"
 
 
 def test_minimal_config_is_all_defaults(tmp_path):
@@ -235,3 +233,17 @@ def test_profile_copied_elsewhere_loads_by_path(tmp_path):
     cfg = load_config(dst)
     assert cfg.model.engine_kwargs == {"gpu_memory_utilization": 0.9, "mm_processor_kwargs": {"max_pixels": 1003520}}
     assert cfg.resources.num_gpus_per_engine == 1.0 and cfg.resources.engine_replicas == 4
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("profile: x\ngeneration:\n  max_rounds: 2\n  max_rounds: 3\n")
+    with pytest.raises(ConfigError, match="duplicate key.*max_rounds"):
+        load_config(p)
+
+
+def test_override_keys_tolerate_spaces_and_profile_defaults():
+    assert load_config("cpu-tiny", {" generation.max_rounds ": 2}).generation.max_rounds == 2
+    from rms_ray.config import ConstructConfig
+
+    assert ConstructConfig().profile == "custom"
