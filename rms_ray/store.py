@@ -7,14 +7,15 @@ Layout of an output folder::
     quarantine/quarantine.parquet        inputs that could not be decoded/normalised, with the reason
     duplicates/duplicates.parquet        exact / near-duplicate inputs and the image they duplicate
     manifest.json, README.md, categories.png, taxonomy.json
-    _work/ingest.parquet                 per-input decode result (hashes, quarantine reason), computed once
+    _work/ingest.parquet                 per-input decode result (hashes, quarantine reason), per (id, size, mtime)
+    _work/run_config.json                the data-shaping config this folder is bound to
     _work/commits/<shard>/               one committed batch: accepted/rejected/images.parquet
 
 Exactly-once: an engine actor writes a batch's three tables into ``_work/tmp/<shard>-<uuid>/`` and commits with
 one ``os.rename`` to ``_work/commits/<shard>/`` (atomic on POSIX filesystems). A SIGKILL before the rename leaves
 only a tmp folder, removed on resume; after it, the whole batch is there. The shard name hashes the batch's image
 ids, so a retried batch commits under the same name and the second commit is discarded. A resumed run skips every
-image id found in ``commits/*/images.parquet``. :meth:`OutputStore.read_committed` also drops any image committed
+(image id, sha256) found in ``commits/*/images.parquet``, so an edited file under the same name is redone. :meth:`OutputStore.read_committed` also drops any image committed
 twice (kept: first shard by name), so the final tables never hold a duplicate. Outputs must live on a POSIX
 filesystem that every node sees (local disk for one machine; NFS/EFS/Lustre on a cluster).
 """
