@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -87,7 +87,7 @@ def ingest(sources: list[ImageSource], cfg: ConstructConfig, store: OutputStore)
     fresh = {(s.image_id, s.size, s.mtime_ns) for s in sources if s.size is not None}
     keys = zip(*(cached.column(c).to_pylist() for c in ("image_id", "size", "mtime_ns")))
     reuse = pa.array([k in fresh for k in keys], pa.bool_())
-    cached = cached.filter(reuse) if len(cached) else cached
+    cached = cached.filter(reuse)
     have = set(cached.column("image_id").to_pylist())
     missing = [s for s in sources if s.image_id not in have]
     if missing:
@@ -147,7 +147,6 @@ class ConstructUDF:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from .construct import ImageInput
 
-        t0 = time.perf_counter()
         inputs, failed = [], []
         for i, (image_id, rel, err) in enumerate(zip(batch["image_id"], batch["image_path"], batch["error"])):
             if err:  # changed or vanished since ingest: rejected under the content ingest saw
@@ -173,11 +172,10 @@ class ConstructUDF:
                            "status": o.status, "n_accepted": len(o.accepted),
                            "n_rejected": len(o.rejected), "gen_tokens": o.gen_tokens})
         self.store.commit_shard(accepted, rejected, images)
-        elapsed = time.perf_counter() - t0
         init, self.engine_init_s = self.engine_init_s, 0.0
         return {**{k: [im[k] for im in images] for k in ("image_id", "status", "n_accepted", "n_rejected",
                                                           "gen_tokens")},
-                "batch_seconds": [elapsed] * len(images), "engine_init_s": [init] * len(images)}
+                "engine_init_s": [init] * len(images)}
 
 
 def _py(value: Any) -> Any:
@@ -192,12 +190,9 @@ class GenerationStats:
     """What the driver saw of the generation pass."""
 
     images: int = 0
-    accepted_samples: int = 0
-    rejected_samples: int = 0
     gen_tokens: int = 0
     seconds: float = 0.0
     engine_init_s: float = 0.0  # longest engine start among the actors (they start in parallel)
-    per_status: dict[str, int] = field(default_factory=dict)
 
 
 def generate(todo: list[ImageSource], shas: dict[str, str], cfg: ConstructConfig, store: OutputStore,
@@ -225,11 +220,8 @@ def generate(todo: list[ImageSource], shas: dict[str, str], cfg: ConstructConfig
     )
     for row in ds.iter_rows():
         stats.images += 1
-        stats.accepted_samples += int(row["n_accepted"])
-        stats.rejected_samples += int(row["n_rejected"])
         stats.gen_tokens += int(row["gen_tokens"])
         stats.engine_init_s = max(stats.engine_init_s, float(row["engine_init_s"]))
-        stats.per_status[row["status"]] = stats.per_status.get(row["status"], 0) + 1
         if on_image:
             on_image(row)
     stats.seconds = time.perf_counter() - t0
