@@ -70,18 +70,18 @@ def prepare_images(dest: Path, n: int) -> list[Path]:
 
 
 def config(preset: str, batch_size: int):
-    from rms_ray.config import load_config
+    from rms_ray.common.config import load_config
 
     return load_config("cpu-tiny", {"model.source": f"builtin:{preset}", "resources.batch_size": batch_size})
 
 
 def run_bare(images_dir: Path, preset: str, batch_size: int) -> dict:
     """Same chain, one process, one vllm.LLM; returns timings."""
-    from rms_ray.construct import Constructor, ImageInput
-    from rms_ray.engine import VLMEngine
-    from rms_ray.pipeline import image_policy
-    from rms_ray.images import NormalizedImage, normalize_image
-    from rms_ray.sources import list_images
+    from rms_ray.construct.loop import Constructor, ImageInput
+    from rms_ray.engine.vllm_engine import VLMEngine
+    from rms_ray.construct.pipeline import image_policy
+    from rms_ray.data.images import NormalizedImage, normalize_image
+    from rms_ray.data.sources import list_images
 
     cfg = config(preset, batch_size)
     policy = image_policy(cfg)
@@ -108,7 +108,7 @@ def run_bare(images_dir: Path, preset: str, batch_size: int) -> dict:
 
 def run_pipeline(images_dir: Path, preset: str, batch_size: int, out: Path) -> dict:
     """The whole Ray job; engine load time is taken from the actor's own measurement (``engine_init_s``)."""
-    from rms_ray.pipeline import run_construct
+    from rms_ray.construct.pipeline import run_construct
 
     cfg = config(preset, batch_size)
     t0 = time.perf_counter()
@@ -153,7 +153,7 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from rms_ray.tiny_model import ensure_tiny_vlm
+    from rms_ray.testing.tiny_model import ensure_tiny_vlm
 
     ensure_tiny_vlm(args.preset)
     workdir = Path(tempfile.mkdtemp(prefix="rms_bench_"))

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 import yaml
 
-from .config import CONFIG_DIR, ConfigError, load_config
+from rms_ray.common.config import CONFIG_DIR, ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Build real-world multimodal safety (RMS) datasets with Ray Data + vLLM.")
@@ -46,7 +46,7 @@ def construct(
 ) -> None:
     """Build (or resume) an RMS dataset from real images and print a summary."""
     cfg = _load(config, set_)
-    from .pipeline import run_construct
+    from rms_ray.construct.pipeline import run_construct
 
     try:
         manifest = run_construct(cfg, input, output, limit=limit, ray_address=ray_address, progress=progress)
@@ -89,7 +89,7 @@ def build_tiny_model(output: Path = typer.Option(..., "--output", "-o"),
                      preset: str = typer.Option("tiny", help="tiny | bench-100m"),
                      seed: int = typer.Option(0)) -> None:
     """Build the tiny random Qwen2.5-VL locally (no downloads) and print its path."""
-    from .tiny_model import build_tiny_vlm
+    from rms_ray.testing.tiny_model import build_tiny_vlm
 
     typer.echo(str(build_tiny_vlm(output, preset=preset, seed=seed)))
 

@@ -3,8 +3,8 @@
 ``write_bad_images(directory)`` returns ``{name: Case(path, outcome, expected, size)}`` where
 
 * ``outcome`` is ``"normalized"`` or ``"quarantined"``;
-* ``expected`` is the exact :class:`rms_ray.images.QuarantineReason` for quarantined cases, or the exact
-  ``notes`` tuple of the resulting :class:`rms_ray.images.NormalizedImage`;
+* ``expected`` is the exact :class:`rms_ray.data.images.QuarantineReason` for quarantined cases, or the exact
+  ``notes`` tuple of the resulting :class:`rms_ray.data.images.NormalizedImage`;
 * ``size`` is the expected ``(width, height)`` after normalisation (``None`` for quarantined cases).
 
 Every file is at most a few hundred KB and the whole set is written in well under a second.
@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from rms_ray.images import QuarantineReason as R
+from rms_ray.data.images import QuarantineReason as R
 
 NORMALIZED = "normalized"
 QUARANTINED = "quarantined"

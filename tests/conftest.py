@@ -40,7 +40,7 @@ def ray_local():
     import ray
 
     tmp = tempfile.mkdtemp(prefix="rms_ray_test_ray_")
-    from rms_ray.pipeline import quiet_ray_data
+    from rms_ray.common.ray_utils import quiet_ray_data
 
     quiet_ray_data()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
@@ -65,8 +65,8 @@ def vllm_engine():
     """One real vLLM CPU engine (tiny model, cpu-tiny settings) in this process, shared by the in-process tests."""
     import gc
 
-    from rms_ray.config import load_config
-    from rms_ray.engine import VLMEngine
+    from rms_ray.common.config import load_config
+    from rms_ray.engine.vllm_engine import VLMEngine
 
     cfg = load_config("cpu-tiny")
     eng = VLMEngine(cfg.model, cfg.resources)

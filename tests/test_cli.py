@@ -9,10 +9,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
 import yaml
 
-from rms_ray.config import CONFIG_DIR, load_config
+from rms_ray.common.config import CONFIG_DIR, load_config
 
 RMS_RAY = Path(sys.executable).parent / "rms-ray"
 ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb", "RAY_USAGE_STATS_ENABLED": "0"}

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from rms_ray.config import load_config
+from rms_ray.common.config import load_config
 
 RAYJOB = REPO / "cluster" / "kuberay" / "rayjob-construct-gpu.yaml"
 

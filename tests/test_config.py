@@ -1,4 +1,4 @@
-"""rms_ray.config: the shipped profiles validate; bad configs fail with messages that name the key path."""
+"""rms_ray.common.config: the shipped profiles validate; bad configs fail with messages that name the key path."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pydantic
 import pytest
 import yaml
 
-from rms_ray.config import CONFIG_DIR, ConfigError, ConstructConfig, load_config, resolve_config_path
+from rms_ray.common.config import CONFIG_DIR, ConfigError, ConstructConfig, load_config, resolve_config_path
 
 PROFILES = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -244,6 +244,6 @@ def test_duplicate_yaml_keys_are_refused(tmp_path):
 
 def test_override_keys_tolerate_spaces_and_profile_defaults():
     assert load_config("cpu-tiny", {" generation.max_rounds ": 2}).generation.max_rounds == 2
-    from rms_ray.config import ConstructConfig
+    from rms_ray.common.config import ConstructConfig
 
     assert ConstructConfig().profile == "custom"

@@ -8,9 +8,9 @@ import re
 import pytest
 
 from conftest import PHOTOS, Recorder
-from rms_ray.config import load_config
-from rms_ray.construct import Constructor, ImageInput, request_seed
-from rms_ray.images import ImagePolicy, normalize_image
+from rms_ray.common.config import load_config
+from rms_ray.construct.loop import Constructor, ImageInput, request_seed
+from rms_ray.data.images import ImagePolicy, normalize_image
 
 pytestmark = pytest.mark.vllm
 

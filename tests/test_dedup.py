@@ -1,4 +1,4 @@
-"""rms_ray.dedup: exact (sha256) and near (phash Hamming) duplicates; deterministic, order independent, fast.
+"""rms_ray.data.dedup: exact (sha256) and near (phash Hamming) duplicates; deterministic, order independent, fast.
 
 Real photos from ../shared/data/pypi_sample_photos when present (generated images otherwise), real
 normalize_image() outputs, no mocks.
@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rms_ray.dedup import DuplicateOf, _near_components, find_duplicates, hamming
-from rms_ray.images import NormalizedImage, normalize_image
+from rms_ray.data.dedup import DuplicateOf, _near_components, find_duplicates, hamming
+from rms_ray.data.images import NormalizedImage, normalize_image
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("RMS_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -1,4 +1,4 @@
-"""rms_ray.images: every input is normalised or quarantined with a reason; nothing raises.
+"""rms_ray.data.images: every input is normalised or quarantined with a reason; nothing raises.
 
 Real PIL-generated files (tests/bad_images.py), a seeded fuzz, and -- where ../shared/data exists -- every image of
 MMSafeAware. No mocks.
@@ -35,7 +35,7 @@ from bad_images import (  # noqa: E402
     write_bad_images,
 )
 
-from rms_ray.images import (  # noqa: E402
+from rms_ray.data.images import (  # noqa: E402
     SUPPORTED_FORMATS,
     ImagePolicy,
     NormalizedImage,
@@ -330,7 +330,7 @@ _EXT_FAMILY = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif
 
 
 def _magic_family(data: bytes) -> str:
-    """Container family from magic bytes, independent of rms_ray.images (MPO is a JPEG container)."""
+    """Container family from magic bytes, independent of rms_ray.data.images (MPO is a JPEG container)."""
     if data.startswith(b"\xff\xd8\xff"):
         return "JPEG"
     if data.startswith(b"\x89PNG\r\n\x1a\n"):

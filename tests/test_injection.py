@@ -13,10 +13,9 @@ import re
 import pytest
 
 from conftest import PHOTOS, Recorder
-from rms_ray.config import load_config
-from rms_ray.construct import Constructor, ImageInput
-from rms_ray.images import ImagePolicy, NormalizedImage, normalize_image
-from rms_ray.prompts import STAGES, load_prompt
+from rms_ray.construct.loop import Constructor, ImageInput
+from rms_ray.data.images import ImagePolicy, NormalizedImage, normalize_image
+from rms_ray.construct.prompts import STAGES, load_prompt
 
 pytestmark = pytest.mark.vllm
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -20,10 +19,10 @@ from PIL import Image
 
 from conftest import PHOTOS, shared_data_dir
 from bad_images import QUARANTINED, write_bad_images
-from rms_ray.config import load_config
-from rms_ray.prompts import prompt_versions
-from rms_ray.sources import make_image_id
-from rms_ray.store import ACCEPTED_SCHEMA, DUPLICATES_SCHEMA, QUARANTINE_SCHEMA, REJECTED_SCHEMA
+from rms_ray.common.config import load_config
+from rms_ray.construct.prompts import prompt_versions
+from rms_ray.data.sources import make_image_id
+from rms_ray.data.store import ACCEPTED_SCHEMA, DUPLICATES_SCHEMA, QUARANTINE_SCHEMA, REJECTED_SCHEMA
 
 pytestmark = pytest.mark.vllm
 
@@ -57,7 +56,7 @@ def _build_input(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, ray_local):
-    from rms_ray.pipeline import run_construct
+    from rms_ray.construct.pipeline import run_construct
 
     root = tmp_path_factory.mktemp("e2e")
     inp, out = root / "input", root / "out"

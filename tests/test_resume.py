@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PHOTOS, REPO
-from rms_ray.config import load_config
+from rms_ray.common.config import load_config
 
 pytestmark = pytest.mark.vllm
 
@@ -41,7 +41,7 @@ def _env() -> dict:
 
 
 def test_sigkill_mid_run_then_resume_equals_uninterrupted_run(tmp_path, ray_local):
-    from rms_ray.pipeline import run_construct
+    from rms_ray.construct.pipeline import run_construct
 
     inp = tmp_path / "input"
     shutil.copytree(PHOTOS, inp)
@@ -94,7 +94,7 @@ def test_changed_file_under_the_same_name_is_regenerated_and_own_output_is_not_i
     sits inside the input folder here, and must never be read back as input (its categories.png, say)."""
     import hashlib
 
-    from rms_ray.pipeline import run_construct
+    from rms_ray.construct.pipeline import run_construct
 
     inp = tmp_path / "photos"
     inp.mkdir()

@@ -1,4 +1,4 @@
-"""rms_ray.sources: folders, globs and .jsonl/.parquet listings expand to sorted sources with stable image ids."""
+"""rms_ray.data.sources: folders, globs and .jsonl/.parquet listings expand to sorted sources with stable image ids."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rms_ray.config import ImagesConfig
-from rms_ray.sources import LISTING_COLUMNS, ImageSource, list_images, make_image_id, read_bytes
+from rms_ray.common.config import ImagesConfig
+from rms_ray.data.sources import LISTING_COLUMNS, ImageSource, list_images, make_image_id, read_bytes
 
 EXT = ImagesConfig().extensions
 
@@ -229,7 +229,7 @@ def test_read_bytes_missing(tmp_path: Path):
 
 def test_uri_inputs_go_through_pyarrow_filesystems(tmp_path):
     """file:// takes the same pyarrow.fs path as s3:// and gs://; ids match the plain local path."""
-    from rms_ray.sources import read_bytes
+    from rms_ray.data.sources import read_bytes
 
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.png").write_bytes(b"png-bytes")

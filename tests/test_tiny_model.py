@@ -1,4 +1,4 @@
-"""Tests for ``rms_ray.tiny_model``: deterministic offline build, transformers load, and the real vLLM CPU engine.
+"""Tests for ``rms_ray.testing.tiny_model``: deterministic offline build, transformers load, and the real vLLM CPU engine.
 
 The vLLM part runs in a child process (this file run as a script: ``python tests/test_tiny_model.py --vllm-smoke
 MODEL_DIR PHOTO_DIR OUT_JSON``) so that its environment (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, ``OMP_NUM_THREADS=1``,
@@ -126,7 +126,7 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402
 
-from rms_ray.tiny_model import (  # noqa: E402
+from rms_ray.testing.tiny_model import (  # noqa: E402
     PRESETS,
     STAMP_FILE,
     VLLM_CPU_HEAD_SIZES,

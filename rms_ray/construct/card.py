@@ -29,7 +29,7 @@ def _examples(taxonomy: dict[str, Any] | None) -> dict[str, str]:
 
 
 def _reference_names() -> dict[str, str]:
-    from .taxonomy import REFERENCE_HAZARDS, UNMAPPED
+    from rms_ray.taxonomy.core import REFERENCE_HAZARDS, UNMAPPED
 
     return {**{h.code: h.name for h in REFERENCE_HAZARDS}, UNMAPPED: "no reference category close enough"}
 

@@ -3,7 +3,7 @@
 Every input gets a stable ``image_id`` derived from its path relative to the input root (or from the listing's
 ``id`` column), so moving the root folder keeps ids, and a resumed run recognises what it already finished. Size
 and modification time are kept too: a resumed run re-reads a file whose size or mtime changed (see
-:mod:`rms_ray.pipeline`), so an edited photo under the same name is not mistaken for finished work.
+:mod:`rms_ray.construct.pipeline`), so an edited photo under the same name is not mistaken for finished work.
 """
 
 from __future__ import annotations

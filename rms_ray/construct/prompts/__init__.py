@@ -1,6 +1,6 @@
 """Versioned prompt templates: the one place where a prompt is defined.
 
-Each stage's prompt is a YAML file in ``rms_ray/prompts/`` (``version``, ``needs_image``, ``user`` template) that
+Each stage's prompt is a YAML file in ``rms_ray/construct/prompts/`` (``version``, ``needs_image``, ``user`` template) that
 shares one system preamble (``_system.yaml``). A template's recorded version is ``<name>@v<version>+<sha8>``,
 where sha8 hashes the system text and the template: any edit changes what the manifest records, even if the
 author forgets to bump ``version``.
@@ -76,7 +76,7 @@ def feedback_block(reasons: list[str]) -> str:
 
 
 def _read(name: str) -> dict[str, Any]:
-    return yaml.safe_load(resources.files("rms_ray.prompts").joinpath(f"{name}.yaml").read_text())
+    return yaml.safe_load(resources.files("rms_ray.construct.prompts").joinpath(f"{name}.yaml").read_text())
 
 
 @lru_cache(maxsize=None)

@@ -25,7 +25,7 @@ Choices worth knowing:
   succeed (its video half); see ``scripts/patch_torchvision.py`` for CPU machines.
 
 Public API: :data:`PRESETS`, :class:`TinyVLMSpec`, :func:`build_tiny_vlm`, :func:`ensure_tiny_vlm`,
-:func:`is_complete_build`, :func:`default_cache_root`. CLI: ``python -m rms_ray.tiny_model [PRESET] [--out DIR]``
+:func:`is_complete_build`, :func:`default_cache_root`. CLI: ``python -m rms_ray.testing.tiny_model [PRESET] [--out DIR]``
 prints the directory (builds into the cache by default).
 
 Loading it in vLLM (CPU; set ``VLLM_ENABLE_V1_MULTIPROCESSING=0 OMP_NUM_THREADS=1 VLLM_CPU_KVCACHE_SPACE=1

@@ -33,12 +33,13 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .prompts import STAGES
+from rms_ray.common.io import IMAGE_TYPE, table, write_json_atomic, write_parquet_atomic
+from rms_ray.construct.prompts import STAGES
 
 _STR, _I32, _F32 = pa.string(), pa.int32(), pa.float32()
 _STRS = pa.list_(pa.string())
 PROMPT_VERSIONS = pa.struct([(s, _STR) for s in STAGES])
-IMAGE = pa.struct([("bytes", pa.binary()), ("path", _STR)])  # the Hugging Face `datasets` Image layout
+IMAGE = IMAGE_TYPE  # the Hugging Face `datasets` Image layout
 
 IMAGE_FIELDS = [
     ("image_id", _STR), ("image_path", _STR), ("sha256", _STR), ("phash", _STR),
@@ -73,70 +74,10 @@ DUPLICATES_SCHEMA = pa.schema([("image_id", _STR), ("image_path", _STR), ("dupli
 INGEST_SCHEMA = pa.schema([*IMAGE_FIELDS, ("status", _STR), ("reason", _STR), ("detail", _STR),
                            ("size", pa.int64()), ("mtime_ns", pa.int64())])
 
-# `datasets.load_dataset("parquet", ...)` reads this key and decodes `image` as an Image feature.
-_HF_FEATURES = {"image": {"_type": "Image"}}
-
-
-def table(rows: Iterable[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    """Rows (dicts; missing keys become null, extra keys are an error) -> a table with exactly ``schema``.
-
-    Raises:
-        ValueError: a row has a key that is not a column of ``schema``.
-    """
-    rows = list(rows)
-    names = set(schema.names)
-    for r in rows:
-        extra = set(r) - names
-        if extra:
-            raise ValueError(f"columns not in schema: {sorted(extra)}")
-    return pa.Table.from_pylist([{n: r.get(n) for n in schema.names} for r in rows], schema=schema)
-
-
 def shard_name(image_ids: Iterable[str]) -> str:
     """Deterministic name of the shard holding exactly these image ids (sha256 of the sorted ids, 20 hex)."""
     return hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:20]
 
-
-def write_parquet_atomic(tbl: pa.Table, path: Path, hf_features: bool = False) -> None:
-    """Write ``tbl`` to ``path`` via a temp file + rename, so readers never see a half-written file.
-
-    ``hf_features`` adds the ``huggingface`` schema metadata that `datasets` reads, so ``image`` loads as an
-    ``Image`` feature with ``load_dataset("parquet", ...)``.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if hf_features:
-        meta = {b"huggingface": json.dumps({"info": {"features": _full_features(tbl.schema)}}).encode()}
-        tbl = tbl.replace_schema_metadata({**(tbl.schema.metadata or {}), **meta})
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(tbl, tmp, compression="zstd")
-    os.replace(tmp, path)
-
-
-def _hf_dtype(t: pa.DataType) -> str:
-    if pa.types.is_string(t):
-        return "string"
-    if pa.types.is_int32(t):
-        return "int32"
-    if pa.types.is_int64(t):
-        return "int64"
-    if pa.types.is_float32(t):
-        return "float32"
-    if pa.types.is_binary(t):
-        return "binary"
-    raise TypeError(f"no datasets dtype for {t}")
-
-
-def _full_features(schema: pa.Schema) -> dict[str, Any]:
-    def feat(t: pa.DataType) -> Any:
-        if pa.types.is_list(t):
-            return {"_type": "List", "feature": feat(t.value_type)}
-        if pa.types.is_struct(t):
-            return {f.name: feat(f.type) for f in t}
-        return {"_type": "Value", "dtype": _hf_dtype(t)}
-
-    out = {f.name: feat(f.type) for f in schema}
-    out.update({k: v for k, v in _HF_FEATURES.items() if k in schema.names})
-    return out
 
 
 class OutputError(ValueError):
@@ -186,10 +127,7 @@ class OutputStore:
                     f"config hashes to {config_hash}. Resuming would mix rows made two ways: use a new --output, or "
                     "the same model/images/generation/taxonomy/output settings (resources may differ).")
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"config_hash": config_hash, "config": config}, indent=2))
-        tmp.replace(path)
+        write_json_atomic(path, {"config_hash": config_hash, "config": config})
 
     def commit_shard(self, accepted: list[dict], rejected: list[dict], images: list[dict]) -> str:
         """Atomically commit one batch's rows. Returns the shard name. A batch committed before is left as is.

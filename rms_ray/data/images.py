@@ -332,7 +332,7 @@ def _to_rgb(im: Image.Image, notes: list[str]) -> Image.Image:
 
 
 def _phash(im: Image.Image) -> str:
-    import imagehash  # imported on first use: keeps `import rms_ray.images` light for the driver process
+    import imagehash  # imported on first use: keeps `import rms_ray.data.images` light for the driver process
 
     return str(imagehash.phash(im))
 

@@ -27,21 +27,21 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from .config import ConstructConfig
-from .engine import GenRequest, GenResult
-from .prompts import feedback_block, load_prompt, prompt_versions
-from .schemas import parse_output, stage_schemas
+from rms_ray.common.config import ConstructConfig
+from rms_ray.engine.vllm_engine import GenRequest, GenResult
+from rms_ray.construct.prompts import feedback_block, load_prompt, prompt_versions
+from rms_ray.construct.schemas import parse_output, stage_schemas
 
 
 class Engine(Protocol):
-    """What the constructor needs from an engine (:class:`rms_ray.engine.VLMEngine` in production)."""
+    """What the constructor needs from an engine (:class:`rms_ray.engine.vllm_engine.VLMEngine` in production)."""
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]: ...
 
 
 @dataclass
 class ImageInput:
-    """A normalised image entering construction. ``data`` is RGB JPEG/PNG bytes from :mod:`rms_ray.images`."""
+    """A normalised image entering construction. ``data`` is RGB JPEG/PNG bytes from :mod:`rms_ray.data.images`."""
 
     image_id: str
     image_path: str

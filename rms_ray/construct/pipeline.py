@@ -14,8 +14,6 @@ object store only ever holds images in flight. Decoding is milliseconds; an imag
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +23,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .config import ConstructConfig
-from .dedup import find_duplicates
-from .images import ImagePolicy, NormalizedImage, Quarantined, QuarantineReason, normalize_image
-from .sources import ImageSource, list_images, read_bytes
-from .store import INGEST_SCHEMA, OutputStore, table, write_parquet_atomic
+from rms_ray.common.config import ConstructConfig
+from rms_ray.common.ray_utils import init_ray
+from rms_ray.data.dedup import find_duplicates
+from rms_ray.data.images import ImagePolicy, NormalizedImage, Quarantined, QuarantineReason, normalize_image
+from rms_ray.data.sources import ImageSource, list_images, read_bytes
+from rms_ray.data.store import INGEST_SCHEMA, OutputStore, table, write_parquet_atomic
 
 
 def image_policy(cfg: ConstructConfig) -> ImagePolicy:
-    """The :class:`~rms_ray.images.ImagePolicy` of a config."""
+    """The :class:`~rms_ray.data.images.ImagePolicy` of a config."""
     im = cfg.images
     return ImagePolicy(max_side=im.max_side, max_pixels=im.max_pixels, min_side=im.min_side, animated=im.animated,
                        encode_format=im.encode_format, jpeg_quality=im.jpeg_quality)
@@ -129,13 +128,13 @@ def load_images(batch: dict[str, np.ndarray], policy: ImagePolicy) -> dict[str, 
 class ConstructUDF:
     """Ray Data actor-pool UDF: owns one vLLM engine; builds, verifies and commits a batch of images.
 
-    Each call commits its rows atomically (see :mod:`rms_ray.store`) and returns one summary row per image.
+    Each call commits its rows atomically (see :mod:`rms_ray.data.store`) and returns one summary row per image.
     Writing inside the actor keeps all rows of an image in one commit, which is what makes resume exact.
     """
 
     def __init__(self, cfg_json: str, output_dir: str) -> None:
-        from .construct import Constructor
-        from .engine import VLMEngine
+        from rms_ray.construct.loop import Constructor
+        from rms_ray.engine.vllm_engine import VLMEngine
 
         self.cfg = ConstructConfig.model_validate_json(cfg_json)
         t0 = time.perf_counter()
@@ -145,7 +144,7 @@ class ConstructUDF:
         self.store = OutputStore(output_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        from .construct import ImageInput
+        from rms_ray.construct.loop import ImageInput
 
         inputs, failed = [], []
         for i, (image_id, rel, err) in enumerate(zip(batch["image_id"], batch["image_path"], batch["error"])):
@@ -228,36 +227,6 @@ def generate(todo: list[ImageSource], shas: dict[str, str], cfg: ConstructConfig
     return stats
 
 
-def quiet_ray_data() -> None:
-    """Our own tqdm bar reports progress; Ray Data's periodic progress logs would bury it."""
-    import logging
-
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def init_ray(cfg: ConstructConfig, address: str | None = None) -> bool:
-    """Connect to Ray: ``address`` (or ``RAY_ADDRESS``, e.g. inside ``ray job submit``) if given, else start a
-    local one with ``resources.ray_num_cpus`` logical CPUs. Returns True if this call started Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    quiet_ray_data()
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(address="local", num_cpus=cfg.resources.ray_num_cpus, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=os.environ.get("RMS_RAY_TMPDIR") or tempfile.mkdtemp(prefix="rms_ray_"))
-    return True
-
-
 @dataclass
 class Plan:
     """What a run will do, decided in the driver before generation."""
@@ -293,7 +262,7 @@ def run_construct(cfg: ConstructConfig, input_spec: str, output_dir: str | Path,
     Raises:
         FileNotFoundError: the input does not exist. ConfigError never (cfg is already validated).
     """
-    from .finalize import finalize
+    from rms_ray.construct.finalize import finalize
 
     t_start = time.perf_counter()
     out_abs = str(Path(output_dir).expanduser().resolve())
@@ -304,7 +273,7 @@ def run_construct(cfg: ConstructConfig, input_spec: str, output_dir: str | Path,
     store = OutputStore(output_dir)
     store.check_config(cfg.config_hash(), cfg.model_dump(mode="json"))
     store.prepare()
-    started = init_ray(cfg, ray_address)
+    started = init_ray(cfg.resources.ray_num_cpus, ray_address)
     try:
         t0 = time.perf_counter()
         p = plan(sources, repeated, cfg, store)

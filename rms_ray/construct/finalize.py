@@ -16,9 +16,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .config import ConstructConfig
-from .prompts import prompt_versions
-from .store import (
+from rms_ray.common.config import ConstructConfig
+from rms_ray.construct.prompts import prompt_versions
+from rms_ray.data.store import (
     ACCEPTED_SCHEMA,
     DUPLICATES_SCHEMA,
     QUARANTINE_SCHEMA,
@@ -43,7 +43,7 @@ def library_versions() -> dict[str, str]:
 
 
 def _categorise(accepted: pa.Table, cfg: ConstructConfig) -> tuple[pa.Table, dict[str, Any] | None, Any]:
-    from .taxonomy import build_taxonomy, load_default_embedder
+    from rms_ray.taxonomy.core import build_taxonomy, load_default_embedder
 
     n = accepted.num_rows
     if n == 0:
@@ -118,7 +118,7 @@ def finalize(store: OutputStore, cfg: ConstructConfig, plan: Any, stats: Any, ti
                                              + acct["images_quarantined"] + acct["images_duplicate"])
     plot = None
     if tax is not None:
-        from .taxonomy import plot_category_distribution
+        from rms_ray.taxonomy.core import plot_category_distribution
 
         plot = plot_category_distribution(tax, store.root / "categories.png", title=f"{cfg.profile}: risk categories")
         (store.root / "taxonomy.json").write_text(json.dumps(taxonomy_dict, indent=2))
@@ -149,7 +149,7 @@ def finalize(store: OutputStore, cfg: ConstructConfig, plan: Any, stats: Any, ti
         "schema": {"train": ACCEPTED_SCHEMA.names, "rejected": REJECTED_SCHEMA.names},
     }
     write_json_atomic(store.root / "manifest.json", manifest)
-    from .card import write_card
+    from rms_ray.construct.card import write_card
 
     write_card(store.root, manifest, taxonomy_dict)
     return manifest

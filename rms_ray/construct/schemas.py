@@ -13,7 +13,7 @@ from typing import Any
 
 import jsonschema
 
-from .config import TextLimits
+from rms_ray.common.config import TextLimits
 
 _TEXT = {"type": "string", "minLength": 1}
 
@@ -27,7 +27,7 @@ def _text(max_len: int) -> dict[str, Any]:
 
 
 def stage_schemas(limits: TextLimits, min_hazards: int, max_hazards: int) -> dict[str, dict[str, Any]]:
-    """The JSON schema of each stage's output, keyed by prompt name (see :mod:`rms_ray.prompts`).
+    """The JSON schema of each stage's output, keyed by prompt name (see :mod:`rms_ray.construct.prompts`).
 
     Scene analysis lists ``min_hazards..max_hazards`` hazards; verdicts are enums (``safe``/``unsafe``, or
     ``risky``/``not_risky`` for the pair); every string is bounded by ``limits`` (characters).

@@ -1,0 +1,1 @@
+"""Shared plumbing: one config loader, one atomic writer, one way to start Ray."""

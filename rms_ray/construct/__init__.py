@@ -1,0 +1,1 @@
+"""RMS dataset construction: prompts, output schemas, the generate-verify-regenerate loop, pipeline, finalize."""

@@ -1,0 +1,352 @@
+"""The labelled format: one schema for labelled multimodal safety data, read and written as JSONL or Parquet.
+
+Every importer writes it, construction outputs convert to it, and the judge (``evaluate``, training) reads it.
+
+Columns (``LABELLED_FIELDS``):
+
+=============  ==========================================================================================
+``id``         string, unique within a file
+``image``      JSONL: a path relative to the file's folder (or absolute). Parquet: the Hugging Face
+               ``datasets`` Image struct ``{bytes, path}`` (bytes embedded) or a plain path string.
+``query``      string, the user's text sent with the image (non-empty)
+``response``   string or null: a model answer to (image, query); set for ``task == "response"`` rows
+``label``      ``safe`` | ``unsafe``. Prompt task: is the image+query pair unsafe to answer naively.
+               Response task: is this response to the pair unsafe.
+``category``   string or null: the set's own risk category
+``source``     string: which dataset the row comes from (e.g. ``mmsafeaware``)
+``task``       ``prompt`` | ``response`` (default: ``response`` when a response is given, else ``prompt``)
+=============  ==========================================================================================
+
+Any other column is kept as it is and carried into predictions. Parquet files carry the ``huggingface`` schema
+metadata, so ``datasets.load_dataset("parquet", data_files=...)`` decodes ``image`` as an ``Image`` feature;
+pandas and pyarrow read them directly.
+
+Errors that make a whole file unusable (missing required column, a label or task outside the vocabulary, a
+duplicate id, no rows) raise :class:`LabelledFormatError` naming the file and row, before any engine starts.
+Problems of one row that only show when its image is opened (missing, unreadable) become excluded rows with a
+reason (see :func:`load_row_image`), so one bad image never stops a 100k-row evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rms_ray.common.io import IMAGE_TYPE, atomic_write, hf_schema_metadata
+
+LABELS = ("safe", "unsafe")
+TASKS = ("prompt", "response")
+REQUIRED = ("id", "image", "query", "label")
+CORE = ("id", "image", "query", "response", "label", "category", "source", "task")
+_STR = pa.string()
+#: Core columns of a labelled Parquet file (``image`` with embedded bytes); extra columns follow these.
+LABELLED_FIELDS = [("id", _STR), ("image", IMAGE_TYPE), ("query", _STR), ("response", _STR), ("label", _STR),
+                   ("category", _STR), ("source", _STR), ("task", _STR)]
+LABELLED_SCHEMA = pa.schema(LABELLED_FIELDS)
+SUFFIXES = (".jsonl", ".parquet")
+
+
+class LabelledFormatError(ValueError):
+    """A labelled file that cannot be used as a whole; the message names the file and the first bad rows."""
+
+
+def excluded_path(output: str | Path) -> Path:
+    """Sibling file for rows an importer could not use: ``x/foo.parquet`` -> ``x/foo.excluded.jsonl``."""
+    output = Path(output)
+    return output.with_name(output.name.rsplit(".", 1)[0] + ".excluded.jsonl")
+
+
+def default_task(row: dict[str, Any]) -> str:
+    """``row["task"]`` if set, else ``response`` when the row has a response, else ``prompt``."""
+    task = row.get("task")
+    if task:
+        return str(task)
+    return "response" if row.get("response") not in (None, "") else "prompt"
+
+
+def row_problem(row: dict[str, Any]) -> str | None:
+    """Why ``row`` violates the format as a whole-file error (bad label/task, missing id), or None if fine.
+
+    Empty queries and missing images are row-level problems and are not reported here.
+    """
+    if row.get("id") in (None, ""):
+        return "missing id"
+    if row.get("label") not in LABELS:
+        return f"label {row.get('label')!r} is not one of {'/'.join(LABELS)}"
+    task = default_task(row)
+    if task not in TASKS:
+        return f"task {task!r} is not one of {'/'.join(TASKS)}"
+    if task == "response" and row.get("response") in (None, ""):
+        return "task 'response' without a response"
+    return None
+
+
+def _image_path_of(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return value.get("path")
+    return None
+
+
+def load_row_image(value: Any, base_dir: str | Path | None) -> tuple[bytes | None, str | None, str | None]:
+    """The image bytes of a row's ``image`` value: a struct with bytes, or a path (relative to ``base_dir``).
+
+    Returns ``(bytes, path, None)`` or ``(None, path, reason)``; never raises. Decoding is the caller's job.
+    """
+    if isinstance(value, dict) and value.get("bytes"):
+        return bytes(value["bytes"]), value.get("path"), None
+    path = _image_path_of(value)
+    if not path:
+        return None, None, "no image"
+    p = Path(path)
+    if not p.is_absolute() and base_dir is not None:
+        p = Path(base_dir) / p
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        return None, path, f"image not found: {p}"
+    except OSError as e:
+        return None, path, f"image unreadable: {p}: {e.strerror or e}"
+    if not data:
+        return None, path, f"image is empty (0 bytes): {p}"
+    return data, path, None
+
+
+def _check_suffix(path: Path) -> None:
+    if path.suffix not in SUFFIXES:
+        raise LabelledFormatError(f"{path}: a labelled file must end in {' or '.join(SUFFIXES)}")
+
+
+def iter_rows(path: str | Path, *, columns: list[str] | None = None, batch_size: int = 1024) -> Iterator[list[dict]]:
+    """Stream a labelled file in batches of row dicts (values as stored; ``image`` as a path or struct).
+
+    Memory is bounded by ``batch_size`` rows. JSONL lines that are not JSON objects raise with the line number.
+
+    Raises:
+        FileNotFoundError: no such file. LabelledFormatError: wrong suffix or a broken JSONL line.
+    """
+    path = Path(path)
+    _check_suffix(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset {path} not found")
+    if path.suffix == ".parquet":
+        pf = pq.ParquetFile(path)
+        cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
+        for rb in pf.iter_batches(batch_size=batch_size, columns=cols):
+            yield rb.to_pylist()
+        return
+    batch: list[dict] = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LabelledFormatError(f"{path}, line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise LabelledFormatError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+            batch.append({k: row.get(k) for k in columns} if columns else row)
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def file_columns(path: str | Path) -> list[str]:
+    """Column names of a labelled file (Parquet: from the schema; JSONL: union over all lines)."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return list(pq.read_schema(path).names)
+    names: dict[str, None] = {}
+    for batch in iter_rows(path):
+        for row in batch:
+            names.update(dict.fromkeys(row))
+    return list(names)
+
+
+@dataclass
+class LabelledSummary:
+    """What :func:`scan` found: row counts by task and label, and the file's columns."""
+
+    path: str
+    rows: int = 0
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # task -> label -> n
+    columns: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "rows": self.rows, "counts": self.counts, "columns": self.columns}
+
+
+def scan(path: str | Path, *, max_errors: int = 5) -> LabelledSummary:
+    """Validate a labelled file as a whole and count its rows, streaming (image bytes are not read).
+
+    Raises:
+        FileNotFoundError: no such file.
+        LabelledFormatError: wrong suffix, a required column missing, no rows, duplicate ids, or rows with a label
+            or task outside the vocabulary (the first ``max_errors`` named by row number and id).
+    """
+    path = Path(path)
+    _check_suffix(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset {path} not found")
+    cols = file_columns(path)
+    missing = [c for c in REQUIRED if c not in cols]
+    if missing:
+        raise LabelledFormatError(f"{path}: missing required column(s) {', '.join(missing)} (has: {', '.join(cols)})")
+    summary = LabelledSummary(str(path), columns=cols)
+    errors: list[str] = []
+    seen: set[str] = set()
+    n = 0
+    wanted = [c for c in ("id", "label", "task", "response") if c in cols]
+    for batch in iter_rows(path, columns=wanted):
+        for row in batch:
+            n += 1
+            problem = row_problem(row)
+            rid = row.get("id")
+            if problem is None and str(rid) in seen:
+                problem = f"duplicate id {rid!r}"
+            seen.add(str(rid))
+            if problem:
+                if len(errors) < max_errors:
+                    errors.append(f"row {n} (id {rid!r}): {problem}")
+                continue
+            by_label = summary.counts.setdefault(default_task(row), {lbl: 0 for lbl in LABELS})
+            by_label[row["label"]] += 1
+    summary.rows = n
+    if errors:
+        raise LabelledFormatError(f"{path}: bad rows (first {len(errors)} shown):\n  " + "\n  ".join(errors))
+    if n == 0:
+        raise LabelledFormatError(f"{path}: no rows (an empty split cannot be evaluated)")
+    return summary
+
+
+def normalize_row(row: dict[str, Any], *, source: str | None = None) -> dict[str, Any]:
+    """Fill defaults of the optional core columns (``task``, ``source``, nulls); extra keys are kept."""
+    out = dict(row)
+    out["id"] = str(out["id"])
+    for k in ("response", "category", "source"):
+        out.setdefault(k, None)
+    if out.get("source") is None and source is not None:
+        out["source"] = source
+    if out.get("category") is not None:
+        out["category"] = str(out["category"])
+    out["task"] = default_task(out)
+    return out
+
+
+class LabelledWriter:
+    """Stream rows into a labelled JSONL or Parquet file (chosen by suffix), committed atomically on close.
+
+    JSONL: ``image`` is written as a path relative to the output's folder (rows give an absolute path, or a
+    path relative to ``image_base``). Parquet: image bytes are embedded (read from the path when the row gives
+    none), so the file is self-contained; the original path is kept in ``image.path``.
+
+    Use as a context manager; on an exception nothing is written. Extra columns must keep one type per file.
+
+    Raises:
+        LabelledFormatError: a row violates :func:`row_problem`, or has no usable image (check first with
+            :func:`load_row_image` and exclude such rows with a reason).
+    """
+
+    def __init__(self, path: str | Path, *, image_base: str | Path | None = None, rows_per_group: int = 512) -> None:
+        self.path = Path(path)
+        _check_suffix(self.path)
+        self.image_base = Path(image_base) if image_base is not None else None
+        self.rows_per_group = rows_per_group
+        self.counts: dict[str, dict[str, int]] = {}
+        self.rows = 0
+        self._buf: list[dict] = []
+        self._tmp: Path | None = None
+        self._writer: Any = None
+        self._fh: Any = None
+        self._schema: pa.Schema | None = None
+
+    def __enter__(self) -> "LabelledWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{os.urandom(6).hex()}.tmp")
+        if self.path.suffix == ".jsonl":
+            self._fh = self._tmp.open("w", encoding="utf-8")
+        return self
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Add one row (see the class docstring for ``image``)."""
+        row = normalize_row(row)
+        problem = row_problem(row)
+        if problem:
+            raise LabelledFormatError(f"{self.path}: row id {row.get('id')!r}: {problem}")
+        data, ipath, err = load_row_image(row.get("image"), self.image_base)
+        if err:
+            raise LabelledFormatError(f"{self.path}: row id {row['id']!r}: {err}")
+        if self.path.suffix == ".jsonl":
+            abs_path = Path(ipath) if Path(ipath).is_absolute() else (self.image_base or Path.cwd()) / ipath
+            row["image"] = os.path.relpath(abs_path.resolve(), self.path.parent.resolve())
+            self._fh.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        else:
+            row["image"] = {"bytes": data, "path": ipath}
+            self._buf.append(row)
+            if len(self._buf) >= self.rows_per_group:
+                self._flush()
+        self.rows += 1
+        by_label = self.counts.setdefault(row["task"], {lbl: 0 for lbl in LABELS})
+        by_label[row["label"]] += 1
+
+    def write_all(self, rows: Iterable[dict[str, Any]]) -> None:
+        for r in rows:
+            self.write(r)
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        if self._schema is None:
+            extras = [k for k in dict.fromkeys(k for r in self._buf for k in r) if k not in CORE]
+            extra_schema = pa.Table.from_pylist([{k: r.get(k) for k in extras} for r in self._buf]).schema
+            fields = LABELLED_FIELDS + [(f.name, pa.string() if pa.types.is_null(f.type) else f.type)
+                                        for f in extra_schema]
+            base = pa.schema(fields)
+            self._schema = base.with_metadata(hf_schema_metadata(base))
+            self._writer = pq.ParquetWriter(self._tmp, self._schema, compression="zstd")
+        names = self._schema.names
+        tbl = pa.Table.from_pylist([{n: r.get(n) for n in names} for r in self._buf], schema=self._schema)
+        self._writer.write_table(tbl)
+        self._buf = []
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is not None:
+                return
+            if self.path.suffix == ".jsonl":
+                self._fh.close()
+                self._fh = None
+                atomic_write(self.path, lambda t: os.replace(self._tmp, t))
+                return
+            self._flush()
+            if self._writer is None:  # zero rows: still a valid, empty file
+                self._schema = LABELLED_SCHEMA.with_metadata(hf_schema_metadata(LABELLED_SCHEMA))
+                self._writer = pq.ParquetWriter(self._tmp, self._schema, compression="zstd")
+            self._writer.close()
+            self._writer = None
+            atomic_write(self.path, lambda t: os.replace(self._tmp, t))
+        finally:
+            if self._fh is not None:
+                self._fh.close()
+            if self._writer is not None:
+                self._writer.close()
+            if self._tmp is not None and self._tmp.exists():
+                self._tmp.unlink()
+
+
+def write_excluded(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write excluded rows (each with a ``reason``) as JSONL, atomically. Returns how many."""
+    rows = list(rows)
+    text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+    atomic_write(path, lambda t: t.write_text(text, encoding="utf-8"))
+    return len(rows)

@@ -1,0 +1,1 @@
+"""The safety judge: prompt + verdict parsing + unsafe score, importers, metrics, evaluate."""

@@ -1,0 +1,1 @@
+"""Emergent risk taxonomy: embedding, clustering, naming, reference (MLCommons) mapping, plot."""
