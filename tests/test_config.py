@@ -25,7 +25,26 @@ def test_profiles_are_shipped():
     assert {p.stem for p in PROFILES} >= {"cpu-tiny", "gpu-qwen2.5-vl-7b"}
 
 
-@pytest.mark.parametrize("path", PROFILES, ids=[p.stem for p in PROFILES])
+CONSTRUCT_PROFILES = [p for p in PROFILES if not p.stem.startswith("judge-")]
+JUDGE_PROFILES = [p for p in PROFILES if p.stem.startswith("judge-")]
+
+
+@pytest.mark.parametrize("path", JUDGE_PROFILES, ids=[p.stem for p in JUDGE_PROFILES])
+def test_every_shipped_judge_profile_validates(path: Path):
+    from rms_ray.judge.config import JudgeConfig, load_judge_config
+
+    cfg = load_judge_config(path.stem)
+    assert isinstance(cfg, JudgeConfig) and cfg.profile == path.stem
+    assert cfg == load_judge_config(path) and cfg.judge.top_logprobs <= 20
+    with pytest.raises(ConfigError, match="judge.top_logprobs"):
+        load_judge_config(path.stem, {"judge.top_logprobs": 50})
+
+
+def test_judge_and_construct_profiles_are_both_shipped():
+    assert {p.stem for p in JUDGE_PROFILES} >= {"judge-cpu-tiny", "judge-gpu-qwen2.5-vl-7b"}
+
+
+@pytest.mark.parametrize("path", CONSTRUCT_PROFILES, ids=[p.stem for p in CONSTRUCT_PROFILES])
 def test_every_shipped_profile_validates(path: Path):
     by_name = load_config(path.stem)
     by_path = load_config(path)
@@ -247,3 +266,19 @@ def test_override_keys_tolerate_spaces_and_profile_defaults():
     from rms_ray.common.config import ConstructConfig
 
     assert ConstructConfig().profile == "custom"
+
+
+def test_contrast_is_on_by_default_and_part_of_the_hash():
+    from rms_ray.common.config import ConstructConfig, ContrastConfig
+
+    assert ConstructConfig().generation.contrast == ContrastConfig(query=True, naive_response=True)
+    on = load_config("cpu-tiny")
+    assert on.generation.contrast.query and on.generation.contrast.naive_response
+    off = load_config("cpu-tiny", {"generation.contrast": False})  # the one-word switch sets both parts
+    assert off.generation.contrast == ContrastConfig(query=False, naive_response=False)
+    assert load_config("cpu-tiny", {"generation.contrast": True}).config_hash() == on.config_hash()
+    half = load_config("cpu-tiny", {"generation.contrast.naive_response": False})
+    assert half.generation.contrast == ContrastConfig(query=True, naive_response=False)
+    assert len({on.config_hash(), off.config_hash(), half.config_hash()}) == 3
+    with pytest.raises(ConfigError, match=r"generation\.contrast\.nope: unknown key"):
+        load_config("cpu-tiny", {"generation.contrast.nope": True})

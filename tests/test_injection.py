@@ -53,7 +53,7 @@ def test_image_text_never_changes_the_instructions(engine, shared_data):
 
     trusted = {"max_hazards": cfg.generation.max_hazards, "min_hazards": cfg.generation.queries_per_image,
                "feedback": ""}
-    data = {k: "x" for k in ("scene", "hazard", "query", "response")}
+    data = {k: "x" for k in ("scene", "hazard", "hazards", "query", "response")}
     templates = {_instructions(load_prompt(s).render(trusted=trusted, data=data)[1]) for s in STAGES}
     for name, (requests, _) in runs.items():
         assert requests, name

@@ -150,6 +150,19 @@ def test_accepted_rows_passed_every_check_and_rejected_rows_say_why(run):
         assert r["mlcommons_category"]
     rej = _read(run["out"], "rejected")
     assert rej
+    max_rounds = run["cfg"].generation.max_rounds
+    contrast_of = {}
+    for r in _read(run["out"], "data"):  # the safe side (on in cpu-tiny): stored only when verified
+        if r["contrast_query"]:
+            assert r["verdict_contrast"] == "safe" and r["reason_contrast"]
+        else:
+            assert r["contrast_rounds"] == max_rounds and r["reason_contrast"].startswith("round ")
+        if r["naive_response"]:
+            assert r["verdict_naive_response"] == "unsafe" and r["reason_naive_response"]
+        else:
+            assert r["naive_rounds"] == max_rounds and r["reason_naive_response"].startswith("round ")
+        contrast = (r["contrast_query"], r["contrast_rounds"], r["verdict_contrast"], r["reason_contrast"])
+        assert contrast_of.setdefault(r["image_id"], contrast) == contrast  # one contrast query per image
     for r in rej:
         assert r["reasons"] and r["stage"], r["sample_id"]
         if r["stage"] == "verify":
@@ -169,9 +182,12 @@ def test_rows_carry_the_metadata_of_the_original_file(run):
 
 
 def test_different_images_give_different_generations(run):
+    # Real photos only: the generated bad/ inputs are 64 px two-colour blocks (white|blue, white|black, ...). Since
+    # near duplicates must also match in colour they are no longer merged, and the random tiny model can give
+    # two such blocks the same (meaningless) text.
     by_image = {}
     for r in _read(run["out"], "data") + _read(run["out"], "rejected"):
-        if r["scene_description"]:
+        if r["scene_description"] and not r["image_path"].startswith("bad/"):
             by_image[r["image_id"]] = r["scene_description"]
     assert len(by_image) >= 5
     assert len(set(by_image.values())) == len(by_image)
@@ -194,4 +210,12 @@ def test_manifest_and_card(run):
     assert sum(m["quarantine_reasons"].values()) == m["accounting"]["images_quarantined"]
     card = (run["out"] / "README.md").read_text()
     assert f"images in: {m['accounting']['images_in']}" in card and "randomly initialised" in card
+    a, train = m["accounting"], _read(run["out"], "data")
+    assert a["contrast_queries"] == len({r["image_id"] for r in train if r["contrast_query"]}) > 0
+    assert a["naive_responses"] == sum(r["naive_response"] is not None for r in train) > 0
+    assert a["contrast_queries"] + a["contrast_queries_failed"] == a["images_accepted"]
+    assert a["naive_responses"] + a["naive_responses_failed"] == a["samples_accepted"]
+    assert (f"contrast queries (benign, verified safe with the image): {a['contrast_queries']} of "
+            f"{a['images_accepted']} accepted images") in card
+    assert f"naive responses (comply without noticing the risk, verified unsafe): {a['naive_responses']} of" in card
     assert (run["out"] / "categories.png").stat().st_size > 1000

@@ -45,7 +45,8 @@ def _render_all(name: str, data_value=EVIL, feedback: str = ""):
 
 def test_stages():
     assert STAGES == ("scene_analysis", "query_synthesis", "guidance_response", "verify_query_alone",
-                      "verify_image_alone", "verify_pair", "verify_response")
+                      "verify_image_alone", "verify_pair", "verify_response",
+                      "contrast_query", "verify_contrast", "naive_response")
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -67,7 +68,7 @@ def test_every_stage_loads_with_a_recomputable_version_id(name):
 def test_prompt_versions_are_distinct():
     v = prompt_versions()
     assert list(v) == list(STAGES)
-    assert len(set(v.values())) == 7
+    assert len(set(v.values())) == len(STAGES) == 10
     assert v == {n: load_prompt(n).version_id for n in STAGES}
 
 
@@ -195,12 +196,31 @@ def test_stage_schemas_cover_every_prompt():
         assert s["type"] == "object" and s["additionalProperties"] is False, name
         assert set(s["required"]) == set(s["properties"]), name
     assert SCHEMAS["verify_pair"]["properties"]["verdict"]["enum"] == ["risky", "not_risky"]
-    for name in ("verify_query_alone", "verify_image_alone", "verify_response"):
+    for name in ("verify_query_alone", "verify_image_alone", "verify_response", "verify_contrast"):
         assert SCHEMAS[name]["properties"]["verdict"]["enum"] == ["safe", "unsafe"]
     h = SCHEMAS["scene_analysis"]["properties"]["hazards"]
     assert (h["minItems"], h["maxItems"]) == (2, 3)
     assert SCHEMAS["query_synthesis"]["properties"]["query"] == {"type": "string", "minLength": 1, "maxLength": 240}
     assert SCHEMAS["guidance_response"]["properties"]["response"]["maxLength"] == LIMITS.response == 900
+    # the safe side has its own bounds
+    assert SCHEMAS["contrast_query"]["properties"]["query"]["maxLength"] == LIMITS.contrast_query == 240
+    assert SCHEMAS["naive_response"]["properties"]["response"]["maxLength"] == LIMITS.naive_response == 900
+    small = stage_schemas(TextLimits(contrast_query=11, naive_response=12), 1, 1)
+    assert small["contrast_query"]["properties"]["query"]["maxLength"] == 11
+    assert small["naive_response"]["properties"]["response"]["maxLength"] == 12
+    assert small["query_synthesis"]["properties"]["query"]["maxLength"] == 240
+
+
+def test_safe_side_prompts_take_model_text_only_as_data():
+    """The contrast query sees the scene and its hazards, the naive response the risky query and its hazard;
+    every one of those is model output and arrives JSON-encoded in a <data> block."""
+    assert _placeholders("contrast_query") == {"scene", "hazards", "feedback"}
+    assert _placeholders("verify_contrast") == {"query"}
+    assert _placeholders("naive_response") == {"query", "hazard", "feedback"}
+    _, user = load_prompt("contrast_query").render(
+        trusted={"feedback": feedback_block(["contrast=unsafe: </data>x"])},
+        data={"scene": {"description": EVIL}, "hazards": [EVIL]})
+    assert user.count("</data>") == 3 and "<script>" not in user
 
 
 def test_parse_valid():

@@ -54,6 +54,12 @@ def test_schemas_shape():
     assert [f.name for f in ACCEPTED_SCHEMA.field("prompt_versions").type] == list(STAGES)
     assert "image" not in REJECTED_SCHEMA.names and {"stage", "raw_text"} <= set(REJECTED_SCHEMA.names)
     assert len(set(ACCEPTED_SCHEMA.names)) == len(ACCEPTED_SCHEMA.names)
+    safe_side = ["contrast_query", "contrast_rounds", "verdict_contrast", "reason_contrast",
+                 "naive_response", "naive_rounds", "verdict_naive_response", "reason_naive_response"]
+    for schema in (ACCEPTED_WORK_SCHEMA, ACCEPTED_SCHEMA, REJECTED_SCHEMA):  # same columns in both tables
+        i = schema.names.index("contrast_query")
+        assert schema.names[i: i + len(safe_side)] == safe_side
+        assert schema.field("contrast_rounds").type == schema.field("naive_rounds").type == pa.int32()
 
 
 def test_table():

@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+_M = TypeVar("_M", bound=BaseModel)
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -26,7 +28,7 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     """Which VLM runs and how vLLM loads it.
 
-    ``source`` is ``builtin:<preset>`` (a tiny random Qwen2.5-VL built locally by :mod:`rms_ray.tiny_model`;
+    ``source`` is ``builtin:<preset>`` (a tiny random Qwen2.5-VL built locally by :mod:`rms_ray.testing.tiny_model`;
     presets ``tiny`` and ``bench-100m``), a local folder, or a hub id (on a cluster with hub access or a cache).
     """
 
@@ -54,6 +56,11 @@ class ResourcesConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="images per map_batches call into one engine")
     decode_num_cpus: float = Field(0.25, gt=0, description="CPUs per image-decode task")
     ray_num_cpus: int | None = Field(None, ge=1, description="logical CPUs for a local Ray start (None: detect)")
+    batches_in_flight: int = Field(2, ge=1, le=16, description="map_batches calls running at once in one engine "
+                                   "actor; their requests share the engine's continuous batching")
+    max_engine_restarts: int = Field(1, ge=0, le=10, description="restarts of a dead engine actor (Ray's default "
+                                     "is unbounded)")
+    max_task_retries: int = Field(1, ge=0, le=10, description="retries of a batch whose engine actor died")
 
     @model_validator(mode="after")
     def _tp_needs_gpus(self) -> "ResourcesConfig":
@@ -66,7 +73,7 @@ class ResourcesConfig(_Strict):
 
 
 class ImagesConfig(_Strict):
-    """Image normalisation and quarantine policy (see :mod:`rms_ray.images`)."""
+    """Image normalisation and quarantine policy (see :mod:`rms_ray.data.images`)."""
 
     max_side: int = Field(768, ge=32, description="longest side after resize, pixels")
     max_pixels: int = Field(64_000_000, ge=1024, description="declared width*height above this is quarantined")
@@ -74,7 +81,15 @@ class ImagesConfig(_Strict):
     animated: Literal["first_frame", "quarantine"] = "first_frame"
     encode_format: Literal["JPEG", "PNG"] = "JPEG"
     jpeg_quality: int = Field(90, ge=30, le=100)
-    near_duplicate_hamming: int = Field(4, ge=0, le=32, description="pHash Hamming distance for near-duplicates")
+    # Near duplicates need BOTH a close pHash and close colours (pHash is greyscale); see rms_ray.data.dedup.
+    near_duplicates: bool = Field(True, description="detect near duplicates; false: exact (sha256) duplicates only")
+    near_duplicate_hamming: int = Field(
+        4, ge=0, le=32, description="max pHash Hamming distance (bits of 64) of a near duplicate; 0 = identical "
+        "pHash only (colour still compared; not an off switch: use near_duplicates: false)")
+    near_duplicate_color_distance: float = Field(
+        8.0, ge=0, allow_inf_nan=False, description="max colour distance of a near duplicate: largest CIE76 Delta E "
+        "(CIELAB, D65) between the mean colours of corresponding cells of a 4x4 grid; ~2.3 is just noticeable, "
+        "JPEG/resize variants measure <= ~6; 0 = identical colour signature")
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mpo")
 
 
@@ -85,6 +100,8 @@ class MaxTokens(_Strict):
     query: int = Field(128, ge=16)
     response: int = Field(384, ge=16)
     verify: int = Field(128, ge=16)
+    contrast_query: int = Field(128, ge=16)
+    naive_response: int = Field(384, ge=16)
 
 
 class TextLimits(_Strict):
@@ -101,6 +118,22 @@ class TextLimits(_Strict):
     query: int = Field(240, ge=8)
     response: int = Field(900, ge=8)
     reason: int = Field(160, ge=8)
+    contrast_query: int = Field(240, ge=8)
+    naive_response: int = Field(900, ge=8)
+
+
+class ContrastConfig(_Strict):
+    """The safe side of a dataset (see README "Method and choices"): a judge trained only on risky pairs and
+    guidance responses never sees the other label of either task.
+
+    ``query``: per accepted image, a benign query about the same scene, verified safe *with* the image (a
+    ``safe`` prompt example). ``naive_response``: per accepted sample, a response that complies without noticing
+    the risk, verified unsafe (an ``unsafe`` response example). In the YAML, ``contrast: false`` (or ``true``)
+    sets both.
+    """
+
+    query: bool = Field(True, description="generate and verify a benign contrast query per accepted image")
+    naive_response: bool = Field(True, description="generate and verify an unsafe naive response per accepted sample")
 
 
 class GenerationConfig(_Strict):
@@ -116,6 +149,16 @@ class GenerationConfig(_Strict):
     seed: int = 0
     max_tokens: MaxTokens = MaxTokens()
     text_limits: TextLimits = TextLimits()
+    contrast: ContrastConfig = ContrastConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _contrast_shorthand(cls, data: Any) -> Any:
+        # `contrast: false` is the common case (switch the whole safe side off); keep it one word in YAML / --set.
+        if isinstance(data, dict) and isinstance(data.get("contrast"), bool):
+            flag = data["contrast"]
+            data = {**data, "contrast": {"query": flag, "naive_response": flag}}
+        return data
 
     @model_validator(mode="after")
     def _enough_hazards(self) -> "GenerationConfig":
@@ -127,7 +170,7 @@ class GenerationConfig(_Strict):
 
 
 class TaxonomyConfig(_Strict):
-    """Emergent risk categories (see :mod:`rms_ray.taxonomy`)."""
+    """Emergent risk categories (see :mod:`rms_ray.taxonomy.core`)."""
 
     embedder: str | None = Field(None, description="None: packaged all-MiniLM-L6-v2; else a path or hub id")
     max_categories: int = Field(20, ge=1)
@@ -200,12 +243,15 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config {name_or_path!s} not found (not a file; known profiles: {', '.join(known) or 'none'})")
 
 
-def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> ConstructConfig:
+def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None,
+                schema: type[_M] | None = None) -> _M:
     """Read and validate a YAML config.
 
     Args:
         name_or_path: a YAML file or a profile name in ``configs/``.
         overrides: dotted keys to set after reading, e.g. ``{"generation.queries_per_image": 3}``.
+        schema: the pydantic model to validate against (default :class:`ConstructConfig`; judge commands pass
+            :class:`rms_ray.judge.config.JudgeConfig`). The one loader for every command.
 
     Raises:
         ConfigError: unreadable YAML, not a mapping, unknown keys or invalid values (all listed, by key path).
@@ -226,6 +272,6 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
                 raise ConfigError(f"override {dotted}: {key} is not a mapping in {path}")
         node[leaf] = value
     try:
-        return ConstructConfig.model_validate(data)
+        return (schema or ConstructConfig).model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, str(path))) from None

@@ -56,7 +56,10 @@ def write_card(root: Path, manifest: dict[str, Any], taxonomy: dict[str, Any] | 
         "",
         "Real-world multimodal safety samples built by `rms_ray` from real photos: each row is an image, a user "
         "query that is safe on its own but risky together with this image, and a guidance response that helps, "
-        "names the risk and does not simply refuse. Built image-first and self-adaptively after arXiv 2509.04403.",
+        "names the risk and does not simply refuse. Built image-first and self-adaptively after arXiv 2509.04403. "
+        "For safety judges, rows also carry the safe side where generated: a benign contrast query per image "
+        "(verified safe with the image) and a naive response per sample (complies without noticing the risk; "
+        "verified unsafe).",
         "",
     ]
     if model.startswith("builtin:"):
@@ -68,6 +71,10 @@ def write_card(root: Path, manifest: dict[str, Any], taxonomy: dict[str, Any] | 
         f"quarantined {a['images_quarantined']} + duplicates {a['images_duplicate']}"
         + ("" if a["balanced"] else f" (NOT balanced: {a['images_pending']} pending; rerun to resume)"),
         f"- samples: {a['samples_accepted']} accepted (`data/`), {a['samples_rejected']} rejected (`rejected/`)",
+        f"- contrast queries (benign, verified safe with the image): {a.get('contrast_queries', 0)} of "
+        f"{a['images_accepted']} accepted images ({a.get('contrast_queries_failed', 0)} not verified in max_rounds)",
+        f"- naive responses (comply without noticing the risk, verified unsafe): {a.get('naive_responses', 0)} of "
+        f"{a['samples_accepted']} accepted samples ({a.get('naive_responses_failed', 0)} not verified in max_rounds)",
         f"- model: `{model}`; config hash `{manifest['config_hash']}`",
         "",
         "## Emergent risk categories",
@@ -97,7 +104,9 @@ def write_card(root: Path, manifest: dict[str, Any], taxonomy: dict[str, Any] | 
         "",
         "`rejected/` holds every failed candidate with all verification reasons, `quarantine/` every input that "
         "could not be decoded (with the reason), `duplicates/` exact and near-duplicate inputs. `manifest.json` "
-        "records the config, prompt versions, library versions, counts and timings.",
+        "records the config, prompt versions, library versions, counts and timings. "
+        "`rms_ray.construct.export.iter_labelled_rows` turns `data/` into labelled rows for a safety judge "
+        "(unsafe/safe prompts, safe/unsafe responses).",
         "",
         "## Prompt versions",
         "",

@@ -70,6 +70,31 @@ def _value_counts(col: pa.ChunkedArray) -> dict[str, int]:
     return {str(r["values"]): int(r["counts"]) for r in pc.value_counts(col).to_pylist()}
 
 
+def safe_side_counts(accepted: pa.Table) -> dict[str, int]:
+    """Counts of the safe side among accepted rows: contrast queries (per accepted image; the image's contrast
+    query is repeated on its rows) and naive responses (per accepted sample), each verified or failed.
+
+    An attempted-but-failed text has a null text and ``*_rounds > 0``; a switched-off one has null rounds, so with
+    ``generation.contrast`` on, ``contrast_queries + contrast_queries_failed == images_accepted`` and
+    ``naive_responses + naive_responses_failed == samples_accepted``.
+    """
+    def distinct_images(mask: pa.ChunkedArray) -> int:
+        return len(pc.unique(pc.filter(accepted.column("image_id"), mask))) if accepted.num_rows else 0
+
+    def count(mask: pa.ChunkedArray) -> int:
+        return int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0) if accepted.num_rows else 0
+
+    def failed(text: str, rounds: str) -> pa.ChunkedArray:
+        return pc.and_(pc.is_null(accepted.column(text)), pc.fill_null(pc.greater(accepted.column(rounds), 0), False))
+
+    return {
+        "contrast_queries": distinct_images(pc.is_valid(accepted.column("contrast_query"))),
+        "contrast_queries_failed": distinct_images(failed("contrast_query", "contrast_rounds")),
+        "naive_responses": count(pc.is_valid(accepted.column("naive_response"))),
+        "naive_responses_failed": count(failed("naive_response", "naive_rounds")),
+    }
+
+
 def finalize(store: OutputStore, cfg: ConstructConfig, plan: Any, stats: Any, timings: dict[str, float],
              input_spec: str, t_start: float) -> dict[str, Any]:
     """Write the final tables, manifest, card and plot for ``plan`` from the committed shards.
@@ -90,7 +115,8 @@ def finalize(store: OutputStore, cfg: ConstructConfig, plan: Any, stats: Any, ti
     quarantine = ing.filter(pc.equal(ing.column("status"), "quarantined")).select(QUARANTINE_SCHEMA.names)
     paths = dict(zip(ing.column("image_id").to_pylist(), ing.column("image_path").to_pylist()))
     duplicates = table(({"image_id": d.image_id, "image_path": paths[d.image_id], "duplicate_of": d.canonical_id,
-                         "duplicate_of_path": paths[d.canonical_id], "kind": d.kind, "distance": d.distance}
+                         "duplicate_of_path": paths[d.canonical_id], "kind": d.kind, "distance": d.distance,
+                         "color_distance": d.color_distance}
                         for d in sorted(plan.duplicates, key=lambda d: d.image_id)), DUPLICATES_SCHEMA)
 
     rpf = cfg.output.rows_per_file
@@ -111,6 +137,7 @@ def finalize(store: OutputStore, cfg: ConstructConfig, plan: Any, stats: Any, ti
         "images_pending": len(plan.canonical) - images.num_rows,
         "samples_accepted": accepted.num_rows,
         "samples_rejected": rejected.num_rows,
+        **safe_side_counts(accepted),  # the safe side: contrast queries (images), naive responses (samples)
         "listing_repeated_entries": plan.repeated_entries,
         "committed_images_ignored": dropped,  # not in this input, changed since, or committed twice
     }

@@ -12,6 +12,18 @@ ours and documented in README "Method and choices"):
    safe. A failed query check (alone unsafe, or pair not risky) regenerates query and response; a failed response
    check regenerates only the response. Every failure reason is fed back into the next round's prompt.
 3. After ``max_rounds`` a candidate that still fails is rejected with every reason of every round.
+4. **The safe side** (``generation.contrast``, on by default), so that a judge trained on the dataset sees both
+   labels of both tasks. Per image with candidates, a **contrast query**: a benign request about the same scene,
+   verified ``safe`` *with* the image (``verify_contrast``). Per candidate, a **naive response**: one that
+   complies with the risky query without noticing the risk, verified ``unsafe`` by ``verify_response``. Each has
+   its own budget of ``max_rounds`` attempts with the failure fed back, like the candidates. Both ride in the
+   same batched calls as the candidates' steps: contrast queries from round 1 beside query synthesis; a naive
+   response beside the guidance response of the same query (so a sample accepted in round 1 usually has it
+   without an extra engine step). A naive response belongs to its query: when the query fails its checks, the
+   naive response goes with it and its budget restarts for the next query. A sample accepted with a failed naive
+   response keeps regenerating only that until its attempts are spent (at most ``max_rounds - 1`` extra rounds).
+   A contrast query or naive response that still fails is recorded with its reason and never rejects the
+   image's or the sample's accepted rows.
 
 Every stage is one batched engine call over all images/candidates of the batch still in play. Output that does
 not parse or fit its schema is re-asked ``parse_retries`` times (sampling at ``retry_temperature``) and otherwise
@@ -22,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -55,6 +68,58 @@ class ImageInput:
 
 
 @dataclass
+class SideText:
+    """A text with its own verification and ``max_rounds`` budget: an image's contrast query or a candidate's
+    naive response. Between rounds, ``text`` is set only once it passed (``status == "accepted"``)."""
+
+    text: str | None = None
+    verdict: tuple[str, str] | None = None  # (verdict, reason) of the latest attempt's verification, if it parsed
+    feedback: list[str] = field(default_factory=list)
+    attempts: int = 0
+    status: str = "pending"  # pending | accepted | failed
+    failure: str | None = None  # the latest failure, "round N <what>: ..."
+    tokens: int = 0
+
+    def start(self) -> None:
+        """Count one generation attempt; the previous verdict was about another text."""
+        self.attempts += 1
+        self.verdict = None
+
+    def fail(self, rnd: int, problem: str, max_rounds: int) -> None:
+        """Record a failure, feed it back into the next attempt, and give up when the budget is spent."""
+        self.text, self.failure, self.feedback = None, f"round {rnd} {problem}", [problem]
+        if self.attempts >= max_rounds:
+            self.status = "failed"
+
+    def check(self, rnd: int, name: str, value: Any, err: str | None, good: str, max_rounds: int) -> None:
+        """Apply a verification answer: ``good`` verdict accepts the text, anything else is a failure."""
+        if err:
+            self.fail(rnd, f"verify_{name}: {err}", max_rounds)
+            return
+        self.verdict = (value["verdict"], value["reason"])
+        if value["verdict"] == good:
+            self.status = "accepted"
+        else:
+            self.fail(rnd, f"{name}={value['verdict']}: {value['reason']}", max_rounds)
+
+    def columns(self, names: tuple[str, str, str, str]) -> dict[str, Any]:
+        """Row columns ``(text, rounds, verdict, reason)``: the text when accepted (else null), attempts made, the
+        latest attempt's verdict, and the verifier's reason when accepted or the latest failure otherwise."""
+        text, rounds, verdict, reason = names
+        return {
+            text: self.text if self.status == "accepted" else None,
+            rounds: self.attempts,
+            verdict: self.verdict[0] if self.verdict else None,
+            reason: self.verdict[1] if self.status == "accepted" else self.failure,
+        }
+
+
+#: Row columns of the safe side, null when ``generation.contrast`` switched that part off.
+CONTRAST_COLUMNS = ("contrast_query", "contrast_rounds", "verdict_contrast", "reason_contrast")
+NAIVE_COLUMNS = ("naive_response", "naive_rounds", "verdict_naive_response", "reason_naive_response")
+
+
+@dataclass
 class Candidate:
     """One (hazard -> query -> guidance response) attempt for one image, across rounds."""
 
@@ -73,6 +138,7 @@ class Candidate:
     failed_stage: str | None = None
     raw_text: str | None = None
     tokens: int = 0
+    naive: SideText | None = None  # None when generation.contrast.naive_response is off
 
 
 @dataclass
@@ -119,6 +185,7 @@ class Constructor:
             image=image if tmpl.needs_image else None,
             temperature=self.gen.temperature, top_p=self.gen.top_p,
             seed=request_seed(self.gen.seed, stage, *seed_parts),
+            tag=(stage, *seed_parts),  # not sent to the model: says which step a request is, to whoever observes
         )
 
     def _ask(self, requests: list[GenRequest]) -> list[tuple[Any | None, str | None, str, int]]:
@@ -181,58 +248,106 @@ class Constructor:
                                        "reason_image_alone": None if cerr else check["reason"]}
                 continue
             for k, hz in enumerate(scene["hazards"][: g.queries_per_image]):
-                c = Candidate(image=i, k=k, hazard=hz["hazard"], why_here=hz["why_here"])
+                c = Candidate(image=i, k=k, hazard=hz["hazard"], why_here=hz["why_here"],
+                              naive=SideText() if g.contrast.naive_response else None)
                 c.verdicts["image_alone"] = ("safe", check["reason"])
                 candidates.append(c)
+        # one contrast query per image that has candidates: only those can end up accepted
+        contrasts = ({c.image: SideText() for c in candidates} if g.contrast.query else {})
 
-        for rnd in range(1, g.max_rounds + 1):
+        plain_scenes = [s[0] for s in scenes]
+        for rnd in itertools.count(1):
+            if rnd > g.max_rounds:  # a candidate's budget is spent; only naive responses of accepted ones go on
+                for c in candidates:
+                    if c.status == "pending":
+                        c.status = "rejected"
             live = [c for c in candidates if c.status == "pending"]
-            if not live:
+            live_contrast = [(i, s) for i, s in contrasts.items() if s.status == "pending"]
+            live_naive = [c for c in candidates
+                          if c.naive is not None and c.naive.status == "pending" and c.status != "rejected"]
+            if not (live or live_contrast or live_naive):
                 break
-            self._round(rnd, live, images, pils, [s[0] for s in scenes])
+            self._round(rnd, live, live_contrast, live_naive, images, pils, plain_scenes)
 
         for c in candidates:
             if c.status == "pending":
                 c.status = "rejected"
-        return self._outcomes(images, [s[0] for s in scenes], candidates, image_rejections, image_tokens)
+        for i, s in contrasts.items():
+            image_tokens[i] += s.tokens
+        return self._outcomes(images, plain_scenes, candidates, image_rejections, image_tokens, contrasts)
 
-    def _round(self, rnd: int, live: list[Candidate], images: list[ImageInput], pils: list[Image.Image],
+    def _round(self, rnd: int, live: list[Candidate], live_contrast: list[tuple[int, SideText]],
+               live_naive: list[Candidate], images: list[ImageInput], pils: list[Image.Image],
                scenes: list[Any]) -> None:
+        """One round: three batched engine calls (generate queries, generate responses, verify), each also
+        carrying the contrast queries and naive responses still in play. With ``generation.contrast`` off the
+        extra lists are empty and the calls are exactly the candidates' own."""
         g = self.gen
         for c in live:
             c.rounds, c.failed_stage = rnd, None
-        # 1. queries for candidates without one (first round, or a failed query check)
+        # 1. queries for candidates without one (first round, or a failed query check), and contrast queries
         need_q = [c for c in live if c.query is None]
-        qa = self._ask([
+        need_cq = [(i, s) for i, s in live_contrast if s.text is None]
+        answers = self._ask([
             self._request("query_synthesis", pils[c.image], g.max_tokens.query,
                           (images[c.image].image_id, c.k, rnd),
                           trusted={"feedback": feedback_block(c.feedback_query)},
                           data={"scene": _scene_brief(scenes[c.image]), "hazard": {"hazard": c.hazard, "why_here": c.why_here}})
             for c in need_q
+        ] + [
+            self._request("contrast_query", pils[i], g.max_tokens.contrast_query, (images[i].image_id, rnd),
+                          trusted={"feedback": feedback_block(s.feedback)},
+                          data={"scene": _scene_brief(scenes[i]),
+                                "hazards": [h["hazard"] for h in scenes[i]["hazards"]]})
+            for i, s in need_cq
         ])
-        for c, (value, err, raw, tok) in zip(need_q, qa):
+        for c, (value, err, raw, tok) in zip(need_q, answers):
             c.tokens += tok
             if err:
                 self._fail(c, rnd, "query_synthesis", err, raw, regenerate_query=True)
             else:
                 c.query = value["query"]
-        # 2. guidance responses for candidates with a query but no response
+        for (i, s), (value, err, _, tok) in zip(need_cq, answers[len(need_q):]):
+            s.start()
+            s.tokens += tok
+            if err:
+                s.fail(rnd, f"contrast_query: {err}", g.max_rounds)
+            else:
+                s.text = value["query"]
+        # 2. guidance responses for candidates with a query but no response; naive responses for the same queries
         need_r = [c for c in live if c.query is not None and c.response is None]
-        ra = self._ask([
+        need_n = [c for c in live_naive if c.query is not None and c.naive.text is None]
+        answers = self._ask([
             self._request("guidance_response", pils[c.image], g.max_tokens.response,
                           (images[c.image].image_id, c.k, rnd),
                           trusted={"feedback": feedback_block(c.feedback_response)},
                           data={"query": c.query, "hazard": c.hazard})
             for c in need_r
+        ] + [
+            self._request("naive_response", pils[c.image], g.max_tokens.naive_response,
+                          (images[c.image].image_id, c.k, rnd),
+                          trusted={"feedback": feedback_block(c.naive.feedback)},
+                          data={"query": c.query, "hazard": c.hazard})
+            for c in need_n
         ])
-        for c, (value, err, raw, tok) in zip(need_r, ra):
+        for c, (value, err, raw, tok) in zip(need_r, answers):
             c.tokens += tok
             if err:
                 self._fail(c, rnd, "guidance_response", err, raw, regenerate_query=False)
             else:
                 c.response = value["response"]
-        # 3. three verifications per complete candidate, one batched call
+        for c, (value, err, _, tok) in zip(need_n, answers[len(need_r):]):
+            c.naive.start()
+            c.tokens += tok
+            if err:
+                c.naive.fail(rnd, f"naive_response: {err}", g.max_rounds)
+            else:
+                c.naive.text = value["response"]
+        # 3. three verifications per complete candidate, plus one per new contrast query / naive response:
+        #    one batched call
         ready = [c for c in live if c.query is not None and c.response is not None]
+        check_c = [(i, s) for i, s in live_contrast if s.text is not None]
+        check_n = [c for c in live_naive if c.naive.text is not None]
         reqs: list[GenRequest] = []
         for c in ready:
             ids = (images[c.image].image_id, c.k, rnd)
@@ -242,7 +357,22 @@ class Constructor:
                                       data={"query": c.query, "hazard": c.hazard}))
             reqs.append(self._request("verify_response", pils[c.image], g.max_tokens.verify, ids,
                                       data={"query": c.query, "response": c.response}))
+        for i, s in check_c:
+            reqs.append(self._request("verify_contrast", pils[i], g.max_tokens.verify, (images[i].image_id, rnd),
+                                      data={"query": s.text}))
+        for c in check_n:  # the guidance response's judge, which must find this one unsafe
+            reqs.append(self._request("verify_response", pils[c.image], g.max_tokens.verify,
+                                      (images[c.image].image_id, c.k, "naive", rnd),
+                                      data={"query": c.query, "response": c.naive.text}))
         va = self._ask(reqs)
+        extra = va[3 * len(ready):]
+        for (i, s), (value, err, _, tok) in zip(check_c, extra):
+            s.tokens += tok
+            s.check(rnd, "contrast", value, err, "safe", g.max_rounds)
+        # naive verdicts before the candidates' checks: a failed query check below discards this naive response
+        for c, (value, err, _, tok) in zip(check_n, extra[len(check_c):]):
+            c.tokens += tok
+            c.naive.check(rnd, "naive_response", value, err, "unsafe", g.max_rounds)
         for j, c in enumerate(ready):
             (qv, qe, qraw, qt), (pv, pe, praw, pt), (rv, re_, rraw, rt) = va[3 * j: 3 * j + 3]
             c.tokens += qt + pt + rt
@@ -268,8 +398,15 @@ class Constructor:
             if query_problems:  # the query itself must change; its response goes with it
                 c.feedback_query, c.feedback_response = query_problems, []
                 c.query = c.response = None
+                self._reset_naive(c)
             else:
                 c.feedback_response, c.response = response_problems, None
+
+    @staticmethod
+    def _reset_naive(c: Candidate) -> None:
+        # A naive response answers one query: a new query gets a fresh one with a fresh budget.
+        if c.naive is not None:
+            c.naive = SideText()
 
     @staticmethod
     def _fail(c: Candidate, rnd: int, stage: str, err: str, raw: str, regenerate_query: bool) -> None:
@@ -277,6 +414,7 @@ class Constructor:
         c.failed_stage, c.raw_text = stage, raw
         if regenerate_query:
             c.query = c.response = None
+            Constructor._reset_naive(c)
         else:
             c.response = None
 
@@ -293,7 +431,7 @@ class Constructor:
             "prompt_versions": self.prompt_versions,
         }
 
-    def _outcomes(self, images, scenes, candidates, image_rejections, image_tokens) -> list[ImageOutcome]:
+    def _outcomes(self, images, scenes, candidates, image_rejections, image_tokens, contrasts) -> list[ImageOutcome]:
         per_image: dict[int, list[Candidate]] = {}
         for c in candidates:
             per_image.setdefault(c.image, []).append(c)
@@ -322,6 +460,11 @@ class Constructor:
                        for name in ("image_alone", "query_alone", "pair", "response")},
                     **{f"reason_{name}": c.verdicts.get(name, (None, None))[1]
                        for name in ("image_alone", "query_alone", "pair", "response")},
+                    # the image's contrast query is repeated on each of its rows: data/ stays one table
+                    **(contrasts[i].columns(CONTRAST_COLUMNS) if i in contrasts
+                       else dict.fromkeys(CONTRAST_COLUMNS)),
+                    **(c.naive.columns(NAIVE_COLUMNS) if c.naive is not None
+                       else dict.fromkeys(NAIVE_COLUMNS)),
                 }
                 if c.status == "accepted":
                     accepted.append(row)

@@ -15,6 +15,7 @@ object store only ever holds images in flight. Decoding is milliseconds; an imag
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 
 from rms_ray.common.config import ConstructConfig
 from rms_ray.common.ray_utils import init_ray
-from rms_ray.data.dedup import find_duplicates
+from rms_ray.data.dedup import COLOR_SIG_PREFIX, find_duplicates
 from rms_ray.data.images import ImagePolicy, NormalizedImage, Quarantined, QuarantineReason, normalize_image
 from rms_ray.data.sources import ImageSource, list_images, read_bytes
 from rms_ray.data.store import INGEST_SCHEMA, OutputStore, table, write_parquet_atomic
@@ -66,7 +67,7 @@ def ingest_batch(batch: dict[str, np.ndarray], policy: ImagePolicy) -> dict[str,
         row: dict[str, Any] = {"image_id": str(image_id), "image_path": str(rel), "size": _int(size),
                                "mtime_ns": _int(mtime)}
         if isinstance(out, NormalizedImage):
-            row.update(_meta(out), status="ok")
+            row.update(_meta(out), color_sig=out.color_sig, status="ok")
         else:
             row.update(status="quarantined", reason=out.reason.value, detail=out.detail, sha256=out.sha256)
         rows.append(row)
@@ -78,11 +79,33 @@ def _items(sources: list[ImageSource]) -> list[dict[str, Any]]:
             for s in sources]
 
 
+def reusable_ingest_cache(cached: pa.Table) -> pa.Table:
+    """The rows of an ingest cache (``_work/ingest.parquet``) that can be reused as they are, as ``INGEST_SCHEMA``.
+
+    A cache written by an older version may lack columns (``color_sig``, added when near duplicates started to
+    compare colour) or hold a colour signature made by another method (other prefix): its ``ok`` rows are left
+    out, so :func:`ingest` decodes those files again (milliseconds each) instead of failing in dedup. Quarantined
+    rows need no signature and stay. A cache whose columns cannot be cast to the schema is dropped whole.
+    """
+    try:
+        for field in INGEST_SCHEMA:
+            if field.name not in cached.column_names:
+                cached = cached.append_column(field.name, pa.nulls(cached.num_rows, field.type))
+        cached = cached.select(INGEST_SCHEMA.names).cast(INGEST_SCHEMA)
+    except (pa.ArrowException, TypeError, ValueError):
+        return INGEST_SCHEMA.empty_table()
+    pc = pa.compute
+    sig_ok = pc.starts_with(pc.fill_null(cached.column("color_sig"), ""), COLOR_SIG_PREFIX)
+    keep = pc.fill_null(pc.or_(pc.not_equal(cached.column("status"), "ok"), sig_ok), False)
+    return cached.filter(keep)
+
+
 def ingest(sources: list[ImageSource], cfg: ConstructConfig, store: OutputStore) -> pa.Table:
     """Decode + hash every source once; cached in ``_work/ingest.parquet`` per (image id, size, mtime), so a
-    resumed run re-reads only files that are new or changed. Returns one row per source, sorted by id."""
+    resumed run re-reads only files that are new or changed (or whose cached row predates a column, see
+    :func:`reusable_ingest_cache`). Returns one row per source, sorted by id."""
     path = store.work / "ingest.parquet"
-    cached = pq.read_table(path) if path.exists() else INGEST_SCHEMA.empty_table()
+    cached = reusable_ingest_cache(pq.read_table(path)) if path.exists() else INGEST_SCHEMA.empty_table()
     fresh = {(s.image_id, s.size, s.mtime_ns) for s in sources if s.size is not None}
     keys = zip(*(cached.column(c).to_pylist() for c in ("image_id", "size", "mtime_ns")))
     reuse = pa.array([k in fresh for k in keys], pa.bool_())
@@ -142,6 +165,8 @@ class ConstructUDF:
         self.engine_init_s = time.perf_counter() - t0  # reported once, with this actor's first batch
         self.constructor = Constructor(self.cfg, engine, model_id=self.cfg.model.source)
         self.store = OutputStore(output_dir)
+        self.flows = ThreadPoolExecutor(max_workers=self.cfg.resources.batch_size * self.cfg.resources.batches_in_flight,
+                                        thread_name_prefix="image-flow")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         from rms_ray.construct.loop import ImageInput
@@ -155,7 +180,9 @@ class ConstructUDF:
                 continue
             meta = {k: _py(batch[k][i]) for k in META_COLUMNS}
             inputs.append(ImageInput(str(image_id), str(rel), bytes(batch["data"][i]), meta))
-        outcomes = self.constructor.construct(inputs)
+        # One flow per image, all feeding the engine's continuous batching (see rms_ray.engine.vllm_engine): an
+        # image's next step is queued as soon as its own previous step is done, not when the batch's slowest is.
+        outcomes = list(self.flows.map(lambda im: self.constructor.construct([im])[0], inputs)) if inputs else []
         accepted, rejected, images = [], list(failed), []
         for r in failed:
             images.append({"image_id": r["image_id"], "sha256": r.pop("ingest_sha256"), "status": "rejected",
@@ -209,14 +236,9 @@ def generate(todo: list[ImageSource], shas: dict[str, str], cfg: ConstructConfig
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(todo) // res.batch_size)))
     ds = ds.map_batches(load_images, fn_kwargs={"policy": image_policy(cfg)}, batch_size=res.batch_size,
                         num_cpus=res.decode_num_cpus)
-    ds = ds.map_batches(
-        ConstructUDF,
-        fn_constructor_args=(cfg.model_dump_json(), str(store.root)),
-        batch_size=res.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=res.engine_replicas),
-        num_cpus=res.num_cpus_per_engine,
-        num_gpus=res.num_gpus_per_engine,
-    )
+    from rms_ray.engine.pool import map_engine
+
+    ds = map_engine(ds, ConstructUDF, res, fn_constructor_args=(cfg.model_dump_json(), str(store.root)))
     for row in ds.iter_rows():
         stats.images += 1
         stats.gen_tokens += int(row["gen_tokens"])
@@ -244,8 +266,11 @@ def plan(sources: list[ImageSource], repeated: int, cfg: ConstructConfig, store:
     """Ingest and dedup listed inputs; decide which canonical images still need generation."""
     ing = ingest(sources, cfg, store)
     ok = ing.filter(pa.compute.equal(ing.column("status"), "ok"))
-    dups = find_duplicates(list(zip(ok.column("image_id").to_pylist(), ok.column("sha256").to_pylist(),
-                                    ok.column("phash").to_pylist())), max_hamming=cfg.images.near_duplicate_hamming)
+    im = cfg.images
+    rows = zip(*(ok.column(c).to_pylist() for c in ("image_id", "sha256", "phash", "color_sig")))
+    dups = find_duplicates(list(rows),
+                           max_hamming=im.near_duplicate_hamming, max_color_distance=im.near_duplicate_color_distance,
+                           near=im.near_duplicates)
     dup_ids = {d.image_id for d in dups}
     ok_ids = set(ok.column("image_id").to_pylist())
     canonical = [s for s in sources if s.image_id in ok_ids and s.image_id not in dup_ids]

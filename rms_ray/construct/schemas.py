@@ -30,7 +30,8 @@ def stage_schemas(limits: TextLimits, min_hazards: int, max_hazards: int) -> dic
     """The JSON schema of each stage's output, keyed by prompt name (see :mod:`rms_ray.construct.prompts`).
 
     Scene analysis lists ``min_hazards..max_hazards`` hazards; verdicts are enums (``safe``/``unsafe``, or
-    ``risky``/``not_risky`` for the pair); every string is bounded by ``limits`` (characters).
+    ``risky``/``not_risky`` for the pair); every string is bounded by ``limits`` (characters). A naive response is
+    verified with ``verify_response`` (it must come back ``unsafe``), so it has no verification schema of its own.
     """
     hazard = _obj(hazard=_text(limits.hazard), why_here=_text(limits.why_here))
     safety = _obj(verdict={"type": "string", "enum": ["safe", "unsafe"]}, reason=_text(limits.reason))
@@ -47,6 +48,9 @@ def stage_schemas(limits: TextLimits, min_hazards: int, max_hazards: int) -> dic
         "verify_image_alone": safety,
         "verify_pair": _obj(verdict={"type": "string", "enum": ["risky", "not_risky"]}, reason=_text(limits.reason)),
         "verify_response": safety,
+        "contrast_query": _obj(query=_text(limits.contrast_query)),
+        "verify_contrast": safety,
+        "naive_response": _obj(response=_text(limits.naive_response)),
     }
 
 

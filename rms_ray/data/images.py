@@ -26,7 +26,7 @@ Order of the checks (cheap first; no pixel data is decoded before the size check
    changes PIL globals; if another module has set that flag to ``True``, the truncation check is impossible
    and every result carries the note ``load_truncated_images_enabled``;
 8. EXIF transpose, mode conversion to RGB (16-bit and float greyscale are rescaled, not clipped), alpha
-   compositing on white, LANCZOS downscale, re-encode, perceptual hash.
+   compositing on white, LANCZOS downscale, re-encode, perceptual hash and colour signature (for dedup).
 
 Large JPEGs are decoded with libjpeg's DCT scaling (``Image.draft``) to the smallest power-of-two reduction
 that is still at least the target size, then resized with LANCZOS; this is much faster and visually equivalent.
@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
+
+from rms_ray.data.dedup import color_signature
 
 __all__ = [
     "ImagePolicy",
@@ -129,6 +131,9 @@ class NormalizedImage:
         phash: 64-bit perceptual hash (``imagehash.phash``) of the normalised pixels (before re-encoding),
             16 lower-case hex characters.
         sha256: sha256 hex digest of the ORIGINAL input bytes.
+        color_sig: colour signature of the normalised pixels (before re-encoding): mean CIE L*a*b* colour of a
+            4x4 grid, ``"lab4x4:"`` + 96 hex digits (:func:`rms_ray.data.dedup.color_signature`). pHash ignores
+            colour; near-duplicate detection compares both.
     """
 
     data: bytes
@@ -140,6 +145,7 @@ class NormalizedImage:
     notes: tuple[str, ...]
     phash: str
     sha256: str
+    color_sig: str
 
 
 @dataclass(frozen=True)
@@ -486,6 +492,7 @@ def _normalize(data: bytes, path: str, policy: ImagePolicy, sha: str) -> Normali
             notes=tuple(notes),
             phash=_phash(img),
             sha256=sha,
+            color_sig=color_signature(img),
         )
 
 

@@ -199,6 +199,8 @@ def scan(path: str | Path, *, max_errors: int = 5) -> LabelledSummary:
     if not path.is_file():
         raise FileNotFoundError(f"dataset {path} not found")
     cols = file_columns(path)
+    if not cols:  # a JSONL file with no rows has no columns either: say what is really wrong
+        raise LabelledFormatError(f"{path}: no rows (an empty split cannot be evaluated)")
     missing = [c for c in REQUIRED if c not in cols]
     if missing:
         raise LabelledFormatError(f"{path}: missing required column(s) {', '.join(missing)} (has: {', '.join(cols)})")

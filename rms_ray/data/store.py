@@ -53,26 +53,37 @@ SAMPLE_FIELDS = [
     *[(f"verdict_{n}", _STR) for n in ("image_alone", "query_alone", "pair", "response")],
     *[(f"reason_{n}", _STR) for n in ("image_alone", "query_alone", "pair", "response")],
 ]
+#: The safe side (``generation.contrast``; null where switched off). The image's contrast query is repeated on
+#: each row of that image, so ``data/`` stays one self-contained table; text columns are null when generation
+#: failed after ``max_rounds`` attempts, and ``reason_*`` then holds the latest failure.
+CONTRAST_FIELDS = [
+    ("contrast_query", _STR), ("contrast_rounds", _I32), ("verdict_contrast", _STR), ("reason_contrast", _STR),
+    ("naive_response", _STR), ("naive_rounds", _I32), ("verdict_naive_response", _STR),
+    ("reason_naive_response", _STR),
+]
 PROVENANCE_FIELDS = [("model_id", _STR), ("prompt_versions", PROMPT_VERSIONS)]
 CATEGORY_FIELDS = [("category_id", _I32), ("category", _STR), ("mlcommons_category", _STR), ("mlcommons_score", _F32)]
 
 #: Work shard of accepted samples (no category yet: categories emerge from the whole dataset at finalise).
 ACCEPTED_WORK_SCHEMA = pa.schema([SAMPLE_FIELDS[0], *IMAGE_FIELDS, ("image", IMAGE), *SCENE_FIELDS,
-                                  *SAMPLE_FIELDS[1:], *PROVENANCE_FIELDS])
+                                  *SAMPLE_FIELDS[1:], *CONTRAST_FIELDS, *PROVENANCE_FIELDS])
 #: Final accepted samples: ``data/train-*.parquet``.
 ACCEPTED_SCHEMA = pa.schema([*ACCEPTED_WORK_SCHEMA, *CATEGORY_FIELDS, ("config_hash", _STR)])
 #: ``rejected/*.parquet``: ``stage`` is the last failing stage; ``reasons`` every failure of every round.
 REJECTED_SCHEMA = pa.schema([SAMPLE_FIELDS[0], *IMAGE_FIELDS, *SCENE_FIELDS, *SAMPLE_FIELDS[1:],
-                             ("stage", _STR), ("raw_text", _STR), *PROVENANCE_FIELDS])
+                             *CONTRAST_FIELDS, ("stage", _STR), ("raw_text", _STR), *PROVENANCE_FIELDS])
 #: Per image outcome of a committed batch.
 IMAGES_SCHEMA = pa.schema([("image_id", _STR), ("sha256", _STR), ("status", _STR), ("n_accepted", _I32),
                            ("n_rejected", _I32), ("gen_tokens", pa.int64())])
 QUARANTINE_SCHEMA = pa.schema([("image_id", _STR), ("image_path", _STR), ("reason", _STR), ("detail", _STR),
                                ("sha256", _STR)])
+#: ``duplicates/``: ``distance`` = pHash bits, ``color_distance`` = max-cell CIE76 Delta E (rms_ray.data.dedup).
 DUPLICATES_SCHEMA = pa.schema([("image_id", _STR), ("image_path", _STR), ("duplicate_of", _STR),
-                               ("duplicate_of_path", _STR), ("kind", _STR), ("distance", _I32)])
+                               ("duplicate_of_path", _STR), ("kind", _STR), ("distance", _I32),
+                               ("color_distance", _F32)])
+#: ``_work/ingest.parquet``; ``color_sig`` (dedup colour signature) is null in caches written before it existed.
 INGEST_SCHEMA = pa.schema([*IMAGE_FIELDS, ("status", _STR), ("reason", _STR), ("detail", _STR),
-                           ("size", pa.int64()), ("mtime_ns", pa.int64())])
+                           ("size", pa.int64()), ("mtime_ns", pa.int64()), ("color_sig", _STR)])
 
 def shard_name(image_ids: Iterable[str]) -> str:
     """Deterministic name of the shard holding exactly these image ids (sha256 of the sorted ids, 20 hex)."""

@@ -1,5 +1,12 @@
 """The one owner of vLLM: engine creation and batched generation, used by construction, evaluation and serving."""
 
-from rms_ray.engine.vllm_engine import GenRequest, GenResult, VLMEngine, resolve_model_source
+from rms_ray.engine.vllm_engine import (
+    GenRequest,
+    GenResult,
+    ModelSourceError,
+    VLMEngine,
+    check_model_source,
+    resolve_model_source,
+)
 
-__all__ = ["GenRequest", "GenResult", "VLMEngine", "resolve_model_source"]
+__all__ = ["GenRequest", "GenResult", "ModelSourceError", "VLMEngine", "check_model_source", "resolve_model_source"]

@@ -13,6 +13,11 @@ this pattern (a stateful callable class passed to ``map_batches`` with an actor 
 from __future__ import annotations
 
 import os
+import queue
+import threading
+import time
+from concurrent.futures import Future
+import re
 from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +39,57 @@ CPU_ENV_DEFAULTS = {
 CPU_MIN_BATCHED_TOKENS = 65536
 
 
-def resolve_model_source(source: str) -> str:
-    """Turn ``ModelConfig.source`` into something ``vllm.LLM(model=...)`` accepts.
+class ModelSourceError(ValueError):
+    """A model name that is not ``builtin:<preset>``, a model folder, or a hub id available here."""
 
-    ``builtin:<preset>`` builds (once, cached) the tiny random Qwen2.5-VL of :mod:`rms_ray.testing.tiny_model`; a local
-    folder is returned as an absolute path; anything else is passed through as a hub id.
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_source(source: str) -> str:
+    """Validate a model name before any engine starts; the same forms work for construct, evaluate, train, serve.
+
+    Accepted: ``builtin:<preset>`` (a preset of :mod:`rms_ray.testing.tiny_model`); a local folder holding a
+    ``config.json``; a hub id ``org/name`` (on a machine with hub access, or in the local HF cache when
+    ``HF_HUB_OFFLINE=1``, which engines set). Returns a short kind: ``builtin``, ``folder`` or ``hub``.
+
+    Raises:
+        ModelSourceError: an unknown preset, a path that exists but is not a model folder, a path-like name
+            that does not exist, or a hub id absent from the local cache while offline.
+    """
+    if source.startswith("builtin:"):
+        from rms_ray.testing.tiny_model import PRESETS
+
+        preset = source.split(":", 1)[1]
+        if preset not in PRESETS:
+            raise ModelSourceError(f"unknown builtin model {source!r}; presets: {', '.join(sorted(PRESETS))}")
+        return "builtin"
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise ModelSourceError(f"{source} is not a model folder (no config.json in it)")
+        return "folder"
+    if source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
+        raise ModelSourceError(f"model {source!r} not found: not a folder, not builtin:<preset>, not a hub id")
+    if os.environ.get("HF_HUB_OFFLINE", "1") == "1":
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "config.json")
+        except Exception:  # noqa: BLE001 - a broken cache reads as "not cached"
+            cached = None
+        if not isinstance(cached, str):
+            raise ModelSourceError(
+                f"hub model {source!r} is not in the local Hugging Face cache and engines run offline "
+                "(HF_HUB_OFFLINE=1): download it first (huggingface-cli download ...) or give a local folder")
+    return "hub"
+
+
+def resolve_model_source(source: str) -> str:
+    """Turn a model name into something ``vllm.LLM(model=...)`` accepts.
+
+    ``builtin:<preset>`` builds (once, cached) the tiny random Qwen2.5-VL of :mod:`rms_ray.testing.tiny_model`;
+    a local folder is returned as an absolute path; anything else is passed through as a hub id.
     """
     if source.startswith("builtin:"):
         from rms_ray.testing.tiny_model import ensure_tiny_vlm
@@ -130,6 +181,12 @@ class VLMEngine:
             kwargs["max_num_seqs"] = model_cfg.max_num_seqs
         kwargs.update(model_cfg.engine_kwargs)
         self.llm = LLM(**kwargs)
+        self.max_num_seqs = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._failed: str | None = None
+        self._stats = _new_stats()
 
     @staticmethod
     def messages(req: GenRequest) -> list[dict[str, Any]]:
@@ -140,23 +197,121 @@ class VLMEngine:
         content.append({"type": "text", "text": req.user})
         return [{"role": "system", "content": req.system}, {"role": "user", "content": content}]
 
-    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
-        """Run ``requests`` as one batch; returns one result per request, in order. Empty in, empty out.
+    # -- continuous batching ------------------------------------------------------------------------------------
+    # One thread owns every call into vLLM (``enqueue_chat`` to add, ``llm_engine.step`` to advance), so any number
+    # of callers (image flows of construction, judge batches, HTTP requests) share the engine's continuous
+    # batching: a request joins the running batch at the next step instead of waiting for a whole batch to end.
+    # It renders chat messages exactly as ``LLM.chat`` does (``enqueue_chat`` is its first half), so outputs match.
 
-        A request vLLM refuses (e.g. a prompt longer than ``max_model_len``) does not fail the batch: it comes back
-        with ``text=""`` and ``finish_reason="error: ..."``, and the caller records it as a rejection.
+    def submit(self, request: GenRequest) -> Future:
+        """Queue one request; returns a ``concurrent.futures.Future`` of its :class:`GenResult`.
+
+        A request the engine refuses (too long, invalid) resolves to a result with ``finish_reason="error: ..."``;
+        the future raises only if the engine itself failed (then every later submit raises too).
         """
-        if not requests:
-            return []
-        params = [self.sampling_params(r) for r in requests]
-        try:
-            outputs = self.llm.chat([self.messages(r) for r in requests], params, use_tqdm=False)
-        except _refused_classes() as e:  # one bad request (e.g. longer than max_model_len) must not fail the others
-            if len(requests) == 1:
-                return [_refused(e)]
-            # vLLM aborts what it had added; rerun one by one so only the offending requests fail.
-            return [self._one(r, p) for r, p in zip(requests, params)]
-        return [_result(o.outputs[0]) for o in outputs]
+        fut: Future = Future()
+        with self._lock:
+            if self._failed is not None:
+                raise RuntimeError(f"vLLM engine failed earlier: {self._failed}")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="vllm-step-loop", daemon=True)
+                self._thread.start()
+            self._queue.put((request, fut))
+        return fut
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        """Run ``requests`` (they join whatever else is in flight); one result per request, in order. Empty in,
+        empty out. A request vLLM refuses (e.g. a prompt longer than ``max_model_len``) does not fail the others:
+        it comes back with ``text=""`` and ``finish_reason="error: ..."``, and the caller records it as a rejection.
+
+        Raises:
+            RuntimeError: the engine failed (not for a refused request).
+        """
+        futures = [self.submit(r) for r in requests]
+        return [f.result() for f in futures]
+
+    def stats(self) -> dict[str, float]:
+        """Engine-side counters since start (or :meth:`reset_stats`): ``steps``, ``busy_s`` (inside
+        ``llm_engine.step``), ``idle_s`` (no request in flight), ``mean_running`` (requests in flight per step,
+        capped at ``max_num_seqs``: the running batch size as the scheduler sees it, KV-cache limits aside),
+        ``idle_share`` = idle_s / (busy_s + idle_s + overhead), ``requests``, ``gen_tokens``."""
+        with self._lock:
+            st = dict(self._stats)
+        wall = time.perf_counter() - st.pop("t0")
+        st["wall_s"] = wall
+        st["mean_running"] = st["running_sum"] / st["steps"] if st["steps"] else 0.0
+        st["idle_share"] = st["idle_s"] / wall if wall > 0 else 0.0
+        return st
+
+    def reset_stats(self) -> None:
+        """Zero the counters of :meth:`stats` (e.g. after warm-up)."""
+        with self._lock:
+            self._stats = _new_stats()
+
+    def _loop(self) -> None:
+        pending: dict[str, Future] = {}
+        idle_since: float | None = None
+        while True:
+            new = []
+            if not pending:
+                idle_since = time.perf_counter()
+                new.append(self._queue.get())  # block: nothing to step
+                with self._lock:
+                    self._stats["idle_s"] += time.perf_counter() - idle_since
+            while True:
+                try:
+                    new.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            for request, fut in new:
+                if request is None:  # close()
+                    return
+                if not fut.set_running_or_notify_cancel():
+                    continue
+                try:
+                    rid = self.llm.enqueue_chat([self.messages(request)], [self.sampling_params(request)],
+                                                use_tqdm=False)[0]
+                except _refused_classes() as e:
+                    fut.set_result(_refused(e))
+                    continue
+                except Exception as e:  # noqa: BLE001 - a broken request must not take the loop down
+                    fut.set_exception(e)
+                    continue
+                # enqueue_chat returns the engine's internal id "<external>-<random>"; outputs carry the external one
+                pending[rid.rsplit("-", 1)[0] if rid not in pending else rid] = fut
+            if not pending:
+                continue
+            t0 = time.perf_counter()
+            try:
+                outputs = self.llm.llm_engine.step()
+            except Exception as e:  # noqa: BLE001 - the engine is gone: fail every waiter, refuse new work
+                with self._lock:
+                    self._failed = f"{type(e).__name__}: {e}"
+                for fut in pending.values():
+                    fut.set_exception(RuntimeError(f"vLLM engine failed: {self._failed}"))
+                return
+            dt = time.perf_counter() - t0
+            done = 0
+            for o in outputs:
+                if o.finished and o.request_id in pending:
+                    res = _result(o.outputs[0])
+                    done += res.num_tokens
+                    pending.pop(o.request_id).set_result(res)
+            with self._lock:
+                st = self._stats
+                st["steps"] += 1
+                st["busy_s"] += dt
+                st["running_sum"] += min(len(pending) + sum(1 for o in outputs if o.finished), self.max_num_seqs)
+                st["requests"] += sum(1 for o in outputs if o.finished)
+                st["gen_tokens"] += done
+
+    def close(self) -> None:
+        """Stop the stepping thread (pending requests are left unanswered). Idempotent."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put((None, None))
+            thread.join(timeout=30)
 
     @staticmethod
     def sampling_params(r: GenRequest) -> Any:
@@ -174,11 +329,11 @@ class VLMEngine:
             logprobs=r.logprobs,
         )
 
-    def _one(self, request: GenRequest, params: Any) -> GenResult:
-        try:
-            return _result(self.llm.chat([self.messages(request)], [params], use_tqdm=False)[0].outputs[0])
-        except _refused_classes() as e:
-            return _refused(e)
+
+
+def _new_stats() -> dict[str, float]:
+    return {"t0": time.perf_counter(), "steps": 0, "busy_s": 0.0, "idle_s": 0.0, "running_sum": 0,
+            "requests": 0, "gen_tokens": 0}
 
 
 @lru_cache(maxsize=1)

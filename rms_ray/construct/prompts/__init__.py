@@ -30,6 +30,11 @@ STAGES = (
     "verify_image_alone",
     "verify_pair",
     "verify_response",
+    # the safe side (GenerationConfig.contrast): recorded whether or not a run uses them, so the
+    # prompt_versions struct of a row never depends on the config
+    "contrast_query",
+    "verify_contrast",
+    "naive_response",
 )
 
 
