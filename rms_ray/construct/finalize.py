@@ -169,7 +169,7 @@ def finalize(store: OutputStore, cfg: ConstructConfig, plan: Any, stats: Any, ti
         "categories": _value_counts(accepted.column("category")),
         "mlcommons_categories": _value_counts(accepted.column("mlcommons_category")),
         "this_run": {"images_generated": stats.images, "gen_tokens": stats.gen_tokens,
-                     "engine_init_s": round(stats.engine_init_s, 3),
+                     "engine_init_s": round(stats.engine_init_s, 3), "engine": stats.engine_summary(),
                      "images_per_s": round(stats.images / stats.seconds, 4) if stats.seconds else None},
         "timings": timings,
         "files": {**files, "plot": "categories.png" if plot else None},

@@ -14,9 +14,11 @@ object store only ever holds images in flight. Decoding is milliseconds; an imag
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -163,6 +165,8 @@ class ConstructUDF:
         t0 = time.perf_counter()
         engine = VLMEngine(self.cfg.model, self.cfg.resources, seed=self.cfg.generation.seed)
         self.engine_init_s = time.perf_counter() - t0  # reported once, with this actor's first batch
+        self.engine = engine
+        self.actor_key = f"{os.getpid()}-{id(self)}"
         self.constructor = Constructor(self.cfg, engine, model_id=self.cfg.model.source)
         self.store = OutputStore(output_dir)
         self.flows = ThreadPoolExecutor(max_workers=self.cfg.resources.batch_size * self.cfg.resources.batches_in_flight,
@@ -199,9 +203,10 @@ class ConstructUDF:
                            "n_rejected": len(o.rejected), "gen_tokens": o.gen_tokens})
         self.store.commit_shard(accepted, rejected, images)
         init, self.engine_init_s = self.engine_init_s, 0.0
+        engine_stats = json.dumps({"actor": self.actor_key, **self.engine.stats()})  # cumulative, this actor
         return {**{k: [im[k] for im in images] for k in ("image_id", "status", "n_accepted", "n_rejected",
                                                           "gen_tokens")},
-                "engine_init_s": [init] * len(images)}
+                "engine_init_s": [init] * len(images), "engine_stats": [engine_stats] * len(images)}
 
 
 def _py(value: Any) -> Any:
@@ -219,6 +224,20 @@ class GenerationStats:
     gen_tokens: int = 0
     seconds: float = 0.0
     engine_init_s: float = 0.0  # longest engine start among the actors (they start in parallel)
+    engine: dict[str, dict[str, float]] = field(default_factory=dict)  # actor -> its engine's latest stats
+
+    def engine_summary(self) -> dict[str, float]:
+        """Engine counters summed over actors (``mean_running`` and ``idle_share`` averaged, step-weighted)."""
+        if not self.engine:
+            return {}
+        vals = list(self.engine.values())
+        steps = sum(v["steps"] for v in vals)
+        out = {k: round(sum(v[k] for v in vals), 3) for k in ("steps", "busy_s", "idle_s", "requests", "gen_tokens")}
+        out["mean_running"] = round(sum(v["mean_running"] * v["steps"] for v in vals) / steps, 3) if steps else 0.0
+        out["idle_share"] = round(sum(v["idle_share"] for v in vals) / len(vals), 4)
+        out["wall_s"] = round(max(v["wall_s"] for v in vals), 3)  # engines run in parallel
+        out["engines"] = len(vals)
+        return out
 
 
 def generate(todo: list[ImageSource], shas: dict[str, str], cfg: ConstructConfig, store: OutputStore,
@@ -243,6 +262,9 @@ def generate(todo: list[ImageSource], shas: dict[str, str], cfg: ConstructConfig
         stats.images += 1
         stats.gen_tokens += int(row["gen_tokens"])
         stats.engine_init_s = max(stats.engine_init_s, float(row["engine_init_s"]))
+        es = json.loads(row["engine_stats"])
+        if es["steps"] >= stats.engine.get(es["actor"], {}).get("steps", -1):
+            stats.engine[es.pop("actor")] = es
         if on_image:
             on_image(row)
     stats.seconds = time.perf_counter() - t0

@@ -104,6 +104,8 @@ class GenRequest:
     """One chat generation, constrained by a JSON schema (``schema``) or a regular expression (``regex``).
 
     ``image`` is an RGB PIL image or None (text-only request); ``seed`` makes sampling reproducible per request.
+    ``exact_tokens``: generate exactly this many tokens, unconstrained, ignoring end-of-sequence (replays a recorded
+    token shape to measure the engine's saturated throughput; ``schema``/``regex`` are then ignored).
     ``logprobs``: how many top log-probabilities to return for each generated position (None: none). The values
     are vLLM's ``raw_logprobs``: computed after the structured-output mask and before temperature/top-k/top-p, so
     a label the grammar allows keeps its probability whatever the sampling settings (see
@@ -120,6 +122,7 @@ class GenRequest:
     seed: int = 0
     regex: str | None = None
     logprobs: int | None = None
+    exact_tokens: int | None = None
     tag: Any = field(default=None, compare=False)
 
 
@@ -319,6 +322,9 @@ class VLMEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import StructuredOutputsParams
 
+        if r.exact_tokens is not None:
+            return SamplingParams(max_tokens=r.exact_tokens, min_tokens=r.exact_tokens, ignore_eos=True,
+                                  temperature=0.0)
         constraint = StructuredOutputsParams(regex=r.regex) if r.regex else StructuredOutputsParams(json=r.schema)
         return SamplingParams(
             max_tokens=r.max_tokens,
