@@ -199,8 +199,15 @@ class ConstructConfig(_Strict):
         """sha256 (hex, 16 chars) of the canonical JSON of everything that shapes the data: all sections but
         ``profile`` (a label) and ``resources`` (how many engines, batch sizes: a resumed run may change them
         without changing a row). Written into every row and manifest; a resume with another hash is refused."""
-        content = self.model_dump(mode="json", exclude={"profile", "resources"})
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+        return shaping_hash(self)
+
+
+def shaping_hash(cfg: BaseModel) -> str:
+    """sha256 (16 hex) of the canonical JSON of a run config without ``profile`` (a label) and ``resources`` (how
+    many engines, batch sizes: they never change an output row). The one definition every config's
+    ``config_hash`` uses."""
+    content = cfg.model_dump(mode="json", exclude={"profile", "resources"})
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -7,14 +7,12 @@ everywhere: ``builtin:<preset>``, a local folder, a hub id).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
-from rms_ray.common.config import ImagesConfig, ModelConfig, ResourcesConfig, _Strict, load_config
+from rms_ray.common.config import ImagesConfig, ModelConfig, ResourcesConfig, _Strict, load_config, shaping_hash
 
 
 class JudgeSettings(_Strict):
@@ -46,8 +44,7 @@ class JudgeConfig(_Strict):
 
     def config_hash(self) -> str:
         """sha256 (16 hex) of everything that shapes a prediction (all but ``profile`` and ``resources``)."""
-        content = self.model_dump(mode="json", exclude={"profile", "resources"})
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+        return shaping_hash(self)
 
 
 def load_judge_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> JudgeConfig:
