@@ -10,7 +10,7 @@ sees (NFS/EFS/Lustre): engine actors commit their shards there directly.
 
 import sys
 
-from rms_ray.cli import app
+from rms_ray.common.job_entry import run  # standard library only: explains a wrong interpreter in one line
 
 if __name__ == "__main__":
-    app(["construct", *sys.argv[1:]], prog_name="jobs/construct.py")
+    run("construct", sys.argv[1:], prog="jobs/construct.py")

@@ -11,7 +11,7 @@ and write their prediction shards there directly.
 
 import sys
 
-from rms_ray.cli import app
+from rms_ray.common.job_entry import run  # standard library only: explains a wrong interpreter in one line
 
 if __name__ == "__main__":
-    app(["evaluate", *sys.argv[1:]], prog_name="jobs/evaluate.py")
+    run("evaluate", sys.argv[1:], prog="jobs/evaluate.py")

@@ -10,7 +10,7 @@ driver's node sees; write the output where ``evaluate`` jobs will read it.
 
 import sys
 
-from rms_ray.cli import app
+from rms_ray.common.job_entry import run  # standard library only: explains a wrong interpreter in one line
 
 if __name__ == "__main__":
-    app(["import-dataset", *sys.argv[1:]], prog_name="jobs/import_dataset.py")
+    run("import-dataset", sys.argv[1:], prog="jobs/import_dataset.py")

@@ -40,12 +40,19 @@ def ray_local():
     import ray
 
     tmp = tempfile.mkdtemp(prefix="rms_ray_test_ray_")
-    from rms_ray.common.ray_utils import quiet_ray_data
+    from rms_ray.common.ray_utils import SCRATCH_ENV, quiet_ray_data
 
     quiet_ray_data()
+    # engine actors put their scratch files (vLLM's file store) under this session's folder, removed below
+    old_scratch = os.environ.get(SCRATCH_ENV)
+    os.environ[SCRATCH_ENV] = os.path.join(tmp, "engines")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
     yield ray
     ray.shutdown()
+    if old_scratch is None:
+        os.environ.pop(SCRATCH_ENV, None)
+    else:
+        os.environ[SCRATCH_ENV] = old_scratch
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -111,19 +111,38 @@ def test_unknown_nested_key(tmp_path):
     ])
 
 
-def test_unknown_key_via_override():
-    with pytest.raises(ConfigError, match=r"  - generation\.foo: unknown key \(not allowed here\)"):
+def test_unknown_key_via_override_names_the_override_not_the_file():
+    with pytest.raises(ConfigError) as ei:
         load_config("cpu-tiny", {"generation.foo": 1})
+    assert str(ei.value).splitlines() == [
+        f"invalid override for config {CONFIG_DIR / 'cpu-tiny.yaml'} (the file itself is valid):",
+        "  - override generation.foo=1: unknown key generation.foo",
+    ]
+    with pytest.raises(ConfigError) as ei:  # the caller says how the user gave it (the CLI: --set KEY=VALUE)
+        load_config("cpu-tiny", {"generation.max_roundz": 2}, origins={"generation.max_roundz": "--set x=2"})
+    assert str(ei.value).splitlines()[1] == "  - --set x=2: unknown key generation.max_roundz"
+
+
+def test_errors_in_the_file_still_name_the_file(tmp_path):
+    p = _write(tmp_path, {"profile": "x", "generation": {"foo": 1}})
+    with pytest.raises(ConfigError) as ei:
+        load_config(p, {"generation.max_rounds": 0})
+    assert str(ei.value).splitlines() == [
+        f"invalid config {p}:",
+        "  - override generation.max_rounds=0: generation.max_rounds: Input should be greater than or equal to 1 "
+        "(got 0)",
+        "  - generation.foo: unknown key (not allowed here)",
+    ]
 
 
 def test_every_problem_is_listed(tmp_path):
-    p = _write(tmp_path, {"profile": "x", "images": {"jpeg_quality": 101, "max_side": 8}, "model": {"dtype": "int8"}})
+    p = _write(tmp_path, {"profile": "x", "images": {"jpeg_quality": 96, "max_side": 8}, "model": {"dtype": "int8"}})
     with pytest.raises(ConfigError) as ei:
         load_config(p)
     lines = str(ei.value).splitlines()
     assert len(lines) == 4
     body = "\n".join(lines[1:])
-    assert "  - images.jpeg_quality: Input should be less than or equal to 100 (got 101)" in body
+    assert "  - images.jpeg_quality: Input should be less than or equal to 95 (got 96)" in body
     assert "  - images.max_side: Input should be greater than or equal to 32 (got 8)" in body
     assert "  - model.dtype: " in body and "(got 'int8')" in body
 
@@ -152,7 +171,8 @@ def test_max_hazards_below_queries_per_image_rejected():
     with pytest.raises(ConfigError) as ei:
         load_config("cpu-tiny", {"generation.max_hazards": 1})
     msg = str(ei.value)
-    assert "  - generation: Value error, max_hazards (1) must be >= queries_per_image (2)" in msg
+    assert "  - override generation.max_hazards=1: generation: Value error, max_hazards (1) must be >= " \
+           "queries_per_image (2)" in msg
     # equal is fine
     cfg = load_config("cpu-tiny", {"generation.max_hazards": 2})
     assert cfg.generation.max_hazards == cfg.generation.queries_per_image == 2
@@ -161,7 +181,8 @@ def test_max_hazards_below_queries_per_image_rejected():
 def test_tensor_parallel_needs_gpus():
     with pytest.raises(ConfigError) as ei:
         load_config("cpu-tiny", {"resources.tensor_parallel_size": 2, "resources.num_gpus_per_engine": 1})
-    assert "  - resources: Value error, tensor_parallel_size=2 needs num_gpus_per_engine >= 2, got 1.0" in str(ei.value)
+    assert ("  - override resources.tensor_parallel_size=2, override resources.num_gpus_per_engine=1: resources: "
+            "Value error, tensor_parallel_size=2 needs num_gpus_per_engine >= 2, got 1.0") in str(ei.value)
     cfg = load_config("cpu-tiny", {"resources.tensor_parallel_size": 2, "resources.num_gpus_per_engine": 2})
     assert cfg.resources.tensor_parallel_size == 2
 
@@ -186,7 +207,7 @@ def test_dotted_overrides_apply():
 
 
 def test_override_through_a_non_mapping():
-    with pytest.raises(ConfigError, match=r"^override profile\.x: profile is not a mapping in .*cpu-tiny\.yaml$"):
+    with pytest.raises(ConfigError, match=r"^override profile\.x=1: profile is not a mapping in .*cpu-tiny\.yaml$"):
         load_config("cpu-tiny", {"profile.x": 1})
 
 
@@ -280,5 +301,33 @@ def test_contrast_is_on_by_default_and_part_of_the_hash():
     half = load_config("cpu-tiny", {"generation.contrast.naive_response": False})
     assert half.generation.contrast == ContrastConfig(query=True, naive_response=False)
     assert len({on.config_hash(), off.config_hash(), half.config_hash()}) == 3
-    with pytest.raises(ConfigError, match=r"generation\.contrast\.nope: unknown key"):
+    with pytest.raises(ConfigError, match=r"override generation\.contrast\.nope=true: unknown key generation\.contrast\.nope"):
         load_config("cpu-tiny", {"generation.contrast.nope": True})
+
+
+@pytest.mark.parametrize(("override", "line"), [
+    ({"images.jpeg_quality": 98},
+     "  - override images.jpeg_quality=98: images.jpeg_quality: Input should be less than or equal to 95 (got 98)"),
+    ({"images.min_side": 1000}, "  - override images.min_side=1000: images: Value error, min_side (1000) > max_side (512)"),
+])
+def test_image_values_the_decoder_refuses_fail_at_load(override, line):
+    with pytest.raises(ConfigError) as ei:
+        load_config("cpu-tiny", override)
+    assert line in str(ei.value).splitlines()
+
+
+@pytest.mark.parametrize("override", [
+    {"images.jpeg_quality": 30}, {"images.jpeg_quality": 95}, {"images.min_side": 512},
+    {"images.min_side": 1, "images.max_side": 32, "images.max_pixels": 1024, "images.encode_format": "PNG"},
+])
+def test_every_image_setting_the_config_accepts_is_one_the_decoder_accepts(override):
+    from rms_ray.data.images import ImagePolicy
+    from rms_ray.judge.scorer import image_policy as judge_policy
+
+    cfg = load_config("cpu-tiny", override)
+    policy = cfg.images.policy()
+    assert isinstance(policy, ImagePolicy) and policy.jpeg_quality == cfg.images.jpeg_quality
+    assert policy.min_side == cfg.images.min_side and policy.max_side == cfg.images.max_side
+    from rms_ray.judge.config import load_judge_config
+
+    assert judge_policy(load_judge_config("judge-cpu-tiny", override)).encode_format == "PNG"

@@ -476,3 +476,91 @@ def test_job_entrypoint(vlsbench: Path, tmp_path: Path):
     assert r.returncode == 0, r.stderr
     assert "rows in: 2 = 2 written + 0 excluded" in r.stdout
     assert scan(out).counts == {"prompt": {"safe": 0, "unsafe": 2}}
+
+
+def test_extra_columns_of_mixed_types_are_kept_exactly(tmp_path: Path):
+    """Upstream fields whose type varies across rows (and across Parquet row groups) are kept exactly: ints and
+    floats as floats, values that share no type as text (JSON for non-strings), dicts with other keys as one struct;
+    none is truncated, dropped or a crash without the column's name."""
+    root = tmp_path / "figstep"
+    _image(root / "images" / "q.png")
+    rows = [{"id": f"f{i}", "image": "images/q.png", "query": "List the steps.", "label": "unsafe", "score": 1,
+             "note": "n/a", "meta": {"a": i}} for i in range(600)]
+    rows[550].update(score=2.5, note=7, meta={"b": "x"})
+    rows[551]["late_int"] = 5
+    (root / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "mixed.parquet"
+    assert import_dataset("figstep", root, None, out).written == 600
+    df = pd.read_parquet(out).set_index("id")
+    assert df.loc["f550", "score"] == 2.5 and df.loc["f0", "score"] == 1.0
+    assert df.loc["f550", "note"] == "7" and df.loc["f0", "note"] == "n/a"
+    assert df.loc["f550", "meta"]["b"] == "x" and df.loc["f1", "meta"]["a"] == 1
+    assert df.loc["f551", "late_int"] == 5 and df["late_int"].notna().sum() == 1
+    assert scan(out).rows == 600
+
+
+def test_writer_refuses_a_type_change_instead_of_converting(tmp_path: Path):
+    from rms_ray.data.labelled import LabelledFormatError, LabelledWriter
+
+    _image(tmp_path / "a.png")
+    base = {"image": "a.png", "query": "q", "label": "safe"}
+    for values, expect in (([1, 2, 2.5], "holds float 2.5"), ([{"a": 1}, {"a": 2}, {"b": 3}], "holds dict"),
+                           (["x", 1, None], "holds int 1"), ([None, None, 4], "holds int 4")):
+        with pytest.raises(LabelledFormatError, match=expect) as e:
+            with LabelledWriter(tmp_path / "w.parquet", image_base=tmp_path, rows_per_group=2) as w:
+                w.write_all({**base, "id": str(i), "x": v} for i, v in enumerate(values))
+        assert "column 'x'" in str(e.value) and "row id" in str(e.value)
+        assert not (tmp_path / "w.parquet").exists()
+
+
+@pytest.mark.parametrize("case", ["same_file", "folder", "no_rows", "wrong_layout"])
+def test_cli_import_refuses_to_overwrite_the_source_or_write_nothing(tmp_path: Path, case: str):
+    src = tmp_path / "eval.jsonl"
+    _image(tmp_path / "images" / "q.png")
+    row = {"id": "1", "image": "images/q.png", "query": "q", "label": "safe"}
+    src.write_text(json.dumps(row) + "\n" + json.dumps({**row, "id": "2", "label": "Unsafe"}) + "\n")
+    before = src.read_text()
+    fmt, args = "mmsafeaware", [str(src), "-o", str(src)]
+    if case == "folder":
+        (tmp_path / "out.parquet").mkdir()
+        args = [str(src), "-o", str(tmp_path / "out.parquet")]
+    elif case == "no_rows":
+        (tmp_path / "none").mkdir()
+        (tmp_path / "none" / "eval.jsonl").write_text("")
+        args = [str(tmp_path / "none"), "-o", str(tmp_path / "none.parquet")]
+    elif case == "wrong_layout":
+        fmt, args = "mssbench", [str(src.with_name("m.json")), "-o", str(tmp_path / "m.parquet")]
+        src.with_name("m.json").write_text(json.dumps({"id": 1}))
+    res = CliRunner().invoke(app, ["import-dataset", fmt, *args])
+    assert "Traceback" not in res.output
+    assert src.read_text() == before
+    if case == "no_rows":
+        assert res.exit_code == 1 and "warning: no usable rows" in res.stderr
+    else:
+        assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.output
+        assert res.stderr.startswith("error: ")
+
+
+def test_cli_import_names_counts_of_exclusion_reasons(tmp_path: Path):
+    _image(tmp_path / "images" / "q.png")
+    row = {"id": "1", "image": "images/q.png", "query": "q", "label": "safe"}
+    (tmp_path / "eval.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "id": "2", "label": "x"}) + "\n")
+    res = CliRunner().invoke(app, ["import-dataset", "mmsafeaware", str(tmp_path), "-o", str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 0 and "(1 unknown label)" in res.stdout, res.output
+
+
+def test_jsonl_with_unicode_line_separators_and_non_utf8_files(tmp_path: Path):
+    """U+2028/U+2029/NEL are legal raw in JSON strings: such a row is imported whole (splitlines() used to cut it);
+    a file that is not UTF-8 is refused with its name."""
+    root = tmp_path / "figstep"
+    _image(root / "images" / "q.png")
+    rows = [{"id": "a", "image": "images/q.png", "query": "one\u2028two\u2029three\x85four", "label": "unsafe"},
+            {"id": "b", "image": "images/q.png", "query": "plain", "label": "unsafe"}]
+    (root / "eval.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                     encoding="utf-8")
+    out = tmp_path / "u.parquet"
+    assert import_dataset("figstep", root, None, out).written == 2
+    assert pd.read_parquet(out).set_index("id").loc["a", "query"] == rows[0]["query"]
+    (root / "eval.jsonl").write_bytes(b'{"id": "c", "image": "images/q.png", "query": "caf\xe9", "label": "unsafe"}\n')
+    res = CliRunner().invoke(app, ["import-dataset", "figstep", str(root), "-o", str(tmp_path / "l.parquet")])
+    assert res.exit_code == 2 and res.stderr.startswith(f"error: {root / 'eval.jsonl'}: not UTF-8 text"), res.output

@@ -311,3 +311,187 @@ def test_bad_inputs_fail_before_any_engine(tmp_path):
     assert (foreign / "keep.txt").read_text() == "user file"
     r = _eval_cli(["--datasets", str(ok), "-o", str(tmp_path / "o4"), "--threshold-from", "other"])
     assert r.exit_code == 2 and "--threshold-from other" in r.output
+
+
+def test_refused_inputs_leave_no_output_and_are_named_on_one_line(tmp_path):
+    """A run refused before any engine leaves no output folder behind (nor files in an empty one); several bad
+    rows are one `error:` line; a dataset given twice, a one-class --threshold-from set and a folder that looks
+    like a construct output but is not are refused up front."""
+    img = tmp_path / "x.png"
+    Image.new("RGB", (64, 64), "red").save(img)
+    good = {"id": "1", "image": "x.png", "query": "q", "label": "safe"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({**good, "id": str(i), "label": "harmful"}) + "\n" for i in range(7)))
+    r = _eval_cli(["--datasets", str(bad), "-o", str(tmp_path / "new"), "--no-progress"])
+    assert r.exit_code == 2 and not (tmp_path / "new").exists()
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "row 5 (id '4')" in lines[0]
+    assert "(and 2 more bad rows)" in lines[0]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _eval_cli(["--datasets", str(bad), "-o", str(empty)])
+    assert r.exit_code == 2 and list(empty.iterdir()) == []
+
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps(good) + "\n" + json.dumps({**good, "id": "2", "label": "unsafe"}) + "\n")
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({**good, "label": "unsafe"}) + "\n")
+    t0 = time.perf_counter()
+    r = _eval_cli(["--datasets", str(ok), str(tmp_path / "." / "ok.jsonl"), "-o", str(tmp_path / "o1")])
+    assert r.exit_code == 2 and "given twice" in r.output and not (tmp_path / "o1").exists()
+    r = _eval_cli(["--datasets", str(ok), str(one), "--threshold-from", "one", "-o", str(tmp_path / "o2")])
+    assert r.exit_code == 2 and "only unsafe rows" in r.output and not (tmp_path / "o2").exists()
+    assert time.perf_counter() - t0 < 20  # refused before Ray and any engine
+
+    fake = tmp_path / "fake_run"
+    (fake / "data").mkdir(parents=True)
+    (fake / "manifest.json").write_text(json.dumps({"format": "something else"}))
+    r = _eval_cli(["--datasets", str(fake), "-o", str(tmp_path / "o3")])
+    assert r.exit_code == 2 and "error: dataset" in r.output and "Traceback" not in r.output
+    (fake / "manifest.json").write_text(json.dumps({"format": "rms_ray.dataset/1"}))
+    r = _eval_cli(["--datasets", str(fake), "-o", str(tmp_path / "o4")])
+    assert r.exit_code == 2 and "no accepted samples" in r.output
+
+
+def test_threshold_from_accepts_any_spelling_of_the_path(tmp_path):
+    from rms_ray.data.labelled import LabelledSummary
+    from rms_ray.judge.evaluate import DatasetInput, _threshold_dataset
+
+    (tmp_path / "a").mkdir()
+    f = tmp_path / "a" / "val.jsonl"
+    f.write_text("")
+    counts = {"prompt": {"safe": 3, "unsafe": 2}}
+    d = DatasetInput("val", f, str(f), LabelledSummary(str(f), 5, counts), "x")
+    assert _threshold_dataset("val", [d]) == "val"
+    assert _threshold_dataset(str(tmp_path / "a" / ".." / "a" / "val.jsonl"), [d]) == "val"
+
+
+def test_jsonl_rows_with_unicode_line_separators_reach_ray_as_one_line(tmp_path):
+    """U+2028, U+2029 and NEL are legal raw inside JSON strings, but Ray's read_text splits lines with
+    str.splitlines(): such a row used to crash the whole run inside a Ray task."""
+    from rms_ray.judge.evaluate import _stream_rows, resolve_datasets
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "imgs" / "x.png")
+    rows = [{"id": "1", "image": "imgs/x.png", "query": "one\u2028two\u2029three\x85four", "label": "safe"},
+            {"id": "2", "image": "imgs/x.png", "query": "plain", "label": "unsafe"}]
+    src = tmp_path / "u.jsonl"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    (d,) = resolve_datasets([str(src)], tmp_path / "work")
+    lines = d.path.read_text(encoding="utf-8").splitlines()  # what ray.data.read_text yields
+    assert [json.loads(x) for x in lines] == rows
+    out = _stream_rows([json.loads(x) for x in lines], d.name, str(d.base_dir)).to_pylist()
+    assert [r["excluded_reason"] for r in out] == [None, None] and out[0]["query"] == rows[0]["query"]
+    assert d.sha256 == __import__("hashlib").sha256(src.read_bytes()).hexdigest()  # the user's file
+
+
+def test_stream_rows_exclude_blank_or_non_text_fields(tmp_path):
+    from rms_ray.judge.evaluate import _stream_rows
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "x.png")
+    g = {"id": "1", "image": "x.png", "query": "q", "label": "safe"}
+    rows = [{**g, "id": "ws", "response": "   "}, {**g, "id": "num", "response": 5}, {**g, "id": "q", "query": 7},
+            {**g, "id": "src", "source": 3}, {**g, "id": "ok", "response": "fine"}]
+    out = {r["id"]: r for r in _stream_rows(rows, "d", str(tmp_path)).to_pylist()}
+    assert out["ws"]["excluded_reason"] == "empty response"
+    assert out["num"]["excluded_reason"].startswith("response is not text")
+    assert out["q"]["excluded_reason"].startswith("query is not text")
+    assert out["src"]["excluded_reason"] is None and out["src"]["source"] == "3"
+    assert out["ok"]["excluded_reason"] is None and out["ok"]["task"] == "response"
+
+
+def test_cli_summary_of_a_dataset_with_every_row_excluded(tmp_path, monkeypatch):
+    """The summary used to crash (KeyError) after writing every output when one dataset had no evaluated row."""
+    import rms_ray.judge.evaluate as ev
+
+    acc = {"rows_in": 2, "evaluated": 0, "excluded": 2, "excluded_by_reason": {"image not found": 2},
+           "unparseable": 0, "balanced": True}
+    result = {"judge": {"model": "builtin:tiny", "prompt_version": "judge@v1+x"},
+              "threshold": {"value": 0.5, "source": "config"}, "accounting": {"gone": acc}, "metrics": {},
+              "timings": {"rows_per_s": 1.0}}
+    monkeypatch.setattr(ev, "run_evaluate", lambda *a, **k: result)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text("{}\n")
+    r = _eval_cli(["--datasets", str(ok), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "gone: 2 rows = 0 evaluated + 2 excluded" in r.output and "no row was evaluated" in r.output
+
+
+def test_report_without_predictions_says_so_once(tmp_path):
+    from rms_ray.judge.report import write_report
+
+    df = pd.DataFrame({"dataset": [], "task": [], "label": [], "unsafe_score": [], "parsed": []})
+    md = write_report({}, df, tmp_path).read_text()
+    assert md.count("No predictions to evaluate.") == 1
+
+
+def test_predictions_keep_extras_named_like_prediction_columns(tmp_path):
+    """An input with both `pred` and `extra_pred` columns: `pred` is renamed, and neither overwrites the other."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rms_ray.judge.evaluate import SHARD_SCHEMA, _write_predictions
+
+    (tmp_path / "shards").mkdir()
+    row = {f.name: None for f in SHARD_SCHEMA}
+    row.update(id="1", dataset="d", task="prompt", label="safe", unsafe_score=0.7, parsed=True,
+               extra=json.dumps({"pred": "theirs", "extra_pred": "also theirs", "n": 3}))
+    pq.write_table(pa.Table.from_pylist([row], schema=SHARD_SCHEMA), tmp_path / "shards" / "a.parquet")
+    n, excluded = _write_predictions(tmp_path / "shards", tmp_path / "p.parquet", 0.5, ["extra_pred", "n", "pred"])
+    got = pq.read_table(tmp_path / "p.parquet").to_pylist()[0]
+    assert n == 1 and not excluded
+    assert got["pred"] == "unsafe" and got["extra_pred"] == "also theirs" and got["extra_2_pred"] == "theirs"
+    assert got["n"] == "3"
+
+
+@pytest.mark.vllm
+@pytest.mark.shared_data
+def test_metrics_record_the_engine_dtype_and_why(evaluated):
+    """judge-cpu-tiny says ``dtype: auto``: metrics.json records what this machine's CPU flags made of it."""
+    from rms_ray.engine.dtype import dtype_from_cpu_flags, read_cpu_flags
+
+    out, result, _ = evaluated
+    dtype, reason = dtype_from_cpu_flags(read_cpu_flags() or "")
+    assert json.loads((out / "metrics.json").read_text())["engine"] == result["engine"] == {
+        "dtype": dtype, "requested": "auto", "reason": reason}
+    assert result["config"]["model"]["dtype"] == "auto"  # the config as written
+
+
+def test_empty_judge_is_refused_not_replaced_by_the_default(tmp_path):
+    r = _eval_cli(["--datasets", str(tmp_path / "x.jsonl"), "-o", str(tmp_path / "o"), "--judge", ""])
+    assert r.exit_code == 2 and "error: --judge is empty" in r.output
+
+
+def test_parquet_with_a_plain_binary_image_column(tmp_path):
+    """A user's Parquet whose `image` column holds the encoded image as plain binary: the image is used, not
+    excluded as 'no image'."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rms_ray.data.labelled import scan
+    from rms_ray.judge.evaluate import _stream_rows
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, "PNG")
+    f = tmp_path / "bin.parquet"
+    pq.write_table(pa.table({"id": ["1", "2"], "image": [buf.getvalue(), b""], "query": ["q", "q"],
+                             "label": ["safe", "unsafe"]}), f)
+    assert scan(f).rows == 2
+    out = _stream_rows(pq.read_table(f).to_pylist(), "bin", str(tmp_path)).to_pylist()
+    assert out[0]["excluded_reason"] is None and out[0]["image_bytes"] == buf.getvalue()
+    assert out[1]["excluded_reason"] == "image is empty (0 bytes)"
+
+
+def test_unreadable_files_are_named(tmp_path):
+    """A JSONL that is not UTF-8 and a .parquet that is not Parquet: one `error:` line naming the file, and no
+    output folder left behind."""
+    lat = tmp_path / "latin1.jsonl"
+    lat.write_bytes(b'{"id": "1", "image": "x.png", "query": "caf\xe9", "label": "safe"}\n')
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    for f, expect in ((lat, "not UTF-8 text"), (junk, "not a readable Parquet file")):
+        r = _eval_cli(["--datasets", str(f), "-o", str(tmp_path / f"out-{f.stem}")])
+        assert r.exit_code == 2 and r.output.startswith(f"error: {f}: {expect}"), r.output
+        assert not (tmp_path / f"out-{f.stem}").exists()

@@ -219,3 +219,14 @@ def test_manifest_and_card(run):
             f"{a['images_accepted']} accepted images") in card
     assert f"naive responses (comply without noticing the risk, verified unsafe): {a['naive_responses']} of" in card
     assert (run["out"] / "categories.png").stat().st_size > 1000
+
+
+def test_manifest_records_the_engine_dtype_and_why(run):
+    """cpu-tiny says ``dtype: auto``: the manifest records what the engine machine's CPU flags made of it, beside the
+    config as written (and hashed)."""
+    from rms_ray.engine.dtype import dtype_from_cpu_flags, read_cpu_flags
+
+    dtype, reason = dtype_from_cpu_flags(read_cpu_flags() or "")
+    assert run["manifest"]["engine"] == {"dtype": dtype, "requested": "auto", "reason": reason}
+    assert run["manifest"]["config"]["model"]["dtype"] == "auto"
+    assert json.loads((run["out"] / "manifest.json").read_text())["engine"] == run["manifest"]["engine"]

@@ -96,7 +96,7 @@ def test_commit_then_done_ids(store: OutputStore):
                               [_img("img_a", n_acc=2), _img("img_b", "rejected", 0)])
     assert name == shard_name(["img_a", "img_b"])
     shard = store.commits / name
-    assert sorted(p.name for p in shard.iterdir()) == ["accepted.parquet", "images.parquet", "rejected.parquet"]
+    assert sorted(p.name for p in shard.iterdir()) == ["_SUCCESS", "accepted.parquet", "images.parquet", "rejected.parquet"]
     assert pq.read_table(shard / "accepted.parquet").schema == ACCEPTED_WORK_SCHEMA
     assert pq.read_table(shard / "rejected.parquet").schema == REJECTED_SCHEMA
     assert pq.read_table(shard / "images.parquet").schema == IMAGES_SCHEMA
@@ -287,3 +287,23 @@ def test_foreign_or_file_outputs_are_refused_untouched(tmp_path):
     with pytest.raises(OutputError, match="is not a folder"):
         OutputStore(tmp_path / "f").check_config("aaaa", {})
     OutputStore(tmp_path / "empty").check_config("aaaa", {})  # a new folder is fine
+
+
+def test_committed_images_keeps_the_current_content_of_an_edited_image(tmp_path):
+    """A file edited between runs: its old commit (in a shard with other images) and its new one (redone alone)
+    are both committed. The current content wins whichever shard sorts first, and the other image stays."""
+    orders = set()
+    for k in range(8):
+        store = OutputStore(tmp_path / f"out{k}")
+        store.prepare()
+        x, y = f"img_x{k}", f"img_y{k}"
+        old = store.commit_shard([_acc(x, "old-x"), _acc(y, "y")], [],
+                                 [{**_img(x), "sha256": "old"}, {**_img(y), "sha256": "y"}])
+        new = store.commit_shard([_acc(x, "new-x")], [], [{**_img(x), "sha256": "new"}])
+        orders.add(old < new)
+        acc, _, img, dropped = store.read_committed({x: "new", y: "y"})
+        assert sorted(acc.column("sample_id").to_pylist()) == ["new-x", "y"], (k, old < new)
+        assert sorted(zip(img.column("image_id").to_pylist(), img.column("sha256").to_pylist())) == [
+            (x, "new"), (y, "y")]
+        assert dropped == 1
+    assert orders == {True, False}  # both shard orders were exercised

@@ -8,13 +8,17 @@ The resolved config and its hash are written into every dataset's ``manifest.jso
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from rms_ray.data.images import ImagePolicy
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -33,7 +37,9 @@ class ModelConfig(_Strict):
     """
 
     source: str = Field("builtin:tiny", description="builtin:<preset>, a local model folder, or a hub id")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="auto: decided where each engine runs (CPU: bfloat16 with avx512_bf16/amx_bf16 flags, "
+        "else float32; GPU: vLLM's auto), see rms_ray.engine.dtype; kept as written in the config and its hash")
     max_model_len: int = Field(2048, ge=256)
     structured_outputs_backend: Literal["xgrammar", "guidance", "outlines"] = "xgrammar"
     max_num_seqs: int | None = Field(None, ge=1, description="vLLM scheduler cap on concurrent sequences")
@@ -61,6 +67,13 @@ class ResourcesConfig(_Strict):
     max_engine_restarts: int = Field(1, ge=0, le=10, description="restarts of a dead engine actor (Ray's default "
                                      "is unbounded)")
     max_task_retries: int = Field(1, ge=0, le=10, description="retries of a batch whose engine actor died")
+    # An engine actor that dies while starting (its process killed, e.g. by Ray's memory monitor, after its
+    # max_engine_restarts; or vLLM refusing to start) is handled by Ray Data, not by Ray's restarts: these bound it.
+    max_engine_init_deaths: int = Field(0, ge=0, le=10, description="engine actors that may die in a row while "
+                                        "starting, each replaced by a fresh one, before the job fails (Ray Data "
+                                        "max_consecutive_actor_init_deaths)")
+    engine_init_retries: int = Field(0, ge=0, le=5, description="in-process retries of an engine start that raised "
+                                     "(Ray Data actor_init_max_retries); 0: a start vLLM refuses fails at once")
 
     @model_validator(mode="after")
     def _tp_needs_gpus(self) -> "ResourcesConfig":
@@ -80,7 +93,8 @@ class ImagesConfig(_Strict):
     min_side: int = Field(32, ge=1)
     animated: Literal["first_frame", "quarantine"] = "first_frame"
     encode_format: Literal["JPEG", "PNG"] = "JPEG"
-    jpeg_quality: int = Field(90, ge=30, le=100)
+    jpeg_quality: int = Field(90, ge=30, le=95, description="the decoder's bound: Pillow advises against more than "
+                              "95 (much larger files, hardly any gain)")
     # Near duplicates need BOTH a close pHash and close colours (pHash is greyscale); see rms_ray.data.dedup.
     near_duplicates: bool = Field(True, description="detect near duplicates; false: exact (sha256) duplicates only")
     near_duplicate_hamming: int = Field(
@@ -91,6 +105,25 @@ class ImagesConfig(_Strict):
         "(CIELAB, D65) between the mean colours of corresponding cells of a 4x4 grid; ~2.3 is just noticeable, "
         "JPEG/resize variants measure <= ~6; 0 = identical colour signature")
     extensions: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".mpo")
+
+    @model_validator(mode="after")
+    def _policy_accepts(self) -> "ImagesConfig":
+        # The decoder's own checks (rms_ray.data.images.ImagePolicy), run here so that a value it refuses fails at
+        # load time with the key path, not at run time after the output folder was bound to the config.
+        try:
+            self.policy()
+        except ValueError as e:
+            raise ValueError(str(e).replace("ImagePolicy.", "")) from None
+        return self
+
+    def policy(self, encode_format: str | None = None) -> "ImagePolicy":
+        """The :class:`rms_ray.data.images.ImagePolicy` of these settings (``encode_format`` overrides the config's,
+        e.g. PNG for the judge). Raises ValueError for values the policy refuses."""
+        from rms_ray.data.images import ImagePolicy
+
+        return ImagePolicy(max_side=self.max_side, max_pixels=self.max_pixels, min_side=self.min_side,
+                           animated=self.animated, encode_format=encode_format or self.encode_format,
+                           jpeg_quality=self.jpeg_quality)
 
 
 class MaxTokens(_Strict):
@@ -225,12 +258,33 @@ class ConfigError(ValueError):
     """A config file that cannot be read or does not validate; the message lists every problem."""
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+def _override_origin(key: str, value: Any) -> str:
+    """How an override is named in messages when the caller did not say (``override KEY=VALUE``)."""
+    shown = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return f"override {key}={shown.removesuffix('...').strip()}"
+
+
+def _format_errors(err: ValidationError, source: str, origins: dict[str, str] | None = None,
+                   file_valid: bool = False) -> str:
+    """One line per problem, by key path. A problem inside an overridden key (or a check of the section holding
+    one) names the override as the user gave it (``origins``: dotted key -> e.g. ``--set a.b=1``), so a bad
+    ``--set`` is not blamed on the YAML file."""
+    origins = origins or {}
+    if file_valid:
+        lines = [f"invalid override for config {source} (the file itself is valid):"]
+    else:
+        lines = [f"invalid config {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown key (not allowed here)" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  - {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+        blame = [o for k, o in origins.items() if k == loc or loc.startswith(k + ".") or k.startswith(loc + ".")
+                 or loc == "<root>"]
+        if e["type"] == "extra_forbidden":
+            text = f"unknown key {loc}" if blame else f"{loc}: unknown key (not allowed here)"
+        elif isinstance(e["input"], dict):  # a check of a whole section: its content is not worth a line dump
+            text = f"{loc}: {e['msg']}"
+        else:
+            text = f"{loc}: {e['msg']} (got {e['input']!r})"
+        lines.append(f"  - {', '.join(blame)}: {text}" if blame else f"  - {text}")
     return "\n".join(lines)
 
 
@@ -251,7 +305,7 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 
 
 def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None,
-                schema: type[_M] | None = None) -> _M:
+                schema: type[_M] | None = None, origins: dict[str, str] | None = None) -> _M:
     """Read and validate a YAML config.
 
     Args:
@@ -259,9 +313,12 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
         overrides: dotted keys to set after reading, e.g. ``{"generation.queries_per_image": 3}``.
         schema: the pydantic model to validate against (default :class:`ConstructConfig`; judge commands pass
             :class:`rms_ray.judge.config.JudgeConfig`). The one loader for every command.
+        origins: how the user gave each override, named in error messages (dotted key -> text, e.g.
+            ``{"generation.max_rounds": "--set generation.max_rounds=0"}``); default ``override KEY=VALUE``.
 
     Raises:
-        ConfigError: unreadable YAML, not a mapping, unknown keys or invalid values (all listed, by key path).
+        ConfigError: unreadable YAML, not a mapping, unknown keys or invalid values (all listed, by key path; a
+            problem that comes from an override names the override).
     """
     path = resolve_config_path(name_or_path)
     try:
@@ -270,15 +327,28 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
         raise ConfigError(f"config {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level, got {type(data).__name__}")
+    from_file = copy.deepcopy(data)
+    named: dict[str, str] = {}  # normalised dotted key -> how the user gave it
     for dotted, value in (overrides or {}).items():
+        parts = [part.strip() for part in dotted.strip().split(".")]
+        origin = (origins or {}).get(dotted) or _override_origin(".".join(parts), value)
+        named[".".join(parts)] = origin
         node = data
-        *parents, leaf = [part.strip() for part in dotted.strip().split(".")]
+        *parents, leaf = parts
         for key in parents:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override {dotted}: {key} is not a mapping in {path}")
+                raise ConfigError(f"{origin}: {key} is not a mapping in {path}")
         node[leaf] = value
+    model = schema or ConstructConfig
     try:
-        return (schema or ConstructConfig).model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(path))) from None
+        file_valid = False
+        if named:
+            try:
+                model.model_validate(from_file)
+                file_valid = True
+            except ValidationError:
+                pass
+        raise ConfigError(_format_errors(e, str(path), named, file_valid)) from None

@@ -21,8 +21,30 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
 
 
+def tmp_suffix() -> str:
+    """``<pid>-<12 random hex>``: part of every temp name, so two processes (or two threads of one) never share
+    one, even on a filesystem that many machines share (pids repeat across machines, the random part does not)."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a folder, so that a rename or a new entry in it survives a machine crash (a file's own fsync does not
+    cover its name). Filesystems that cannot fsync a folder (EINVAL on some network filesystems) are left as they
+    are: there is nothing more a writer can do there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)``, fsync the result, and rename it to ``path`` (parents created).
+    """Call ``write(tmp_path)``, fsync the result, rename it to ``path`` (parents created) and fsync the folder.
 
     Raises:
         OSError: the folder is not writable or the disk is full (the temp file is removed).
@@ -38,6 +60,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)  # the rename itself must reach the disk too
     return path
 
 

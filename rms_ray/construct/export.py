@@ -62,11 +62,13 @@ def iter_labelled_rows(output_dir: str | Path, *, batch_size: int = 256) -> Iter
     """Stream the accepted samples of a construct output as labelled-format rows (see the module docstring).
 
     Reads ``data/*.parquet`` file by file in pyarrow batches of ``batch_size`` rows, only the columns it needs, so
-    memory is bounded by one batch (plus the set of image ids whose contrast row was already given). Rows come in
-    the order of ``data/`` (sorted by image id, candidate index): per sample its prompt, guidance and naive rows,
-    with an image's contrast row before its first sample's rows.
+    memory is bounded by one batch and one image (plus the set of image ids whose contrast row was already given).
+    Rows come in the order of ``data/`` (sorted by image id, candidate index): per sample its prompt, guidance and
+    naive rows, with an image's contrast row before its first sample's rows.
 
-    ``image`` is ``{"bytes", "path"}``: the stored normalised image; if the run did not embed images, bytes are
+    ``image`` is ``{"bytes", "path"}`` on every row: the stored normalised image. ``data/`` stores an image's
+    bytes once, on its first row (``rms_ray.dataset/v2``); they are carried to the image's later rows, which follow
+    it (a row whose image was not just seen is looked up in ``data/``). If the run did not embed images, bytes are
     null and the path is resolved against the construct input when that was a local folder (``LabelledWriter``
     then reads the file).
 
@@ -81,13 +83,31 @@ def iter_labelled_rows(output_dir: str | Path, *, batch_size: int = 256) -> Iter
     if inp and "://" not in inp:
         p = Path(inp)
         input_root = p if p.is_dir() else p.parent  # a folder, or the folder of a glob / listing file
+    embedded = bool(((manifest.get("config") or {}).get("output") or {}).get("embed_images", True))
     seen_images: set[str] = set()
+    current: dict[str, Any] = {}  # image id -> image of the image being read (its first row carries the bytes)
     for path in sorted((root / "data").glob("*.parquet")):
         pf = pq.ParquetFile(path)
         cols = [c for c in COLUMNS if c in pf.schema_arrow.names]
         for batch in pf.iter_batches(batch_size=batch_size, columns=cols):
             for r in batch.to_pylist():
+                image = r.get("image")
+                if image and image.get("bytes"):
+                    current = {r["image_id"]: image}
+                elif embedded and "image" in cols:
+                    if r["image_id"] not in current:  # rows not in data/'s order: find the image's first row
+                        current = {r["image_id"]: _stored_image(root, r["image_id"])}
+                    r["image"] = current[r["image_id"]]
                 yield from _rows_of(r, input_root, seen_images)
+
+
+def _stored_image(root: Path, image_id: str) -> dict[str, Any] | None:
+    """The image of ``image_id`` as stored in ``data/`` (on one of its rows), or None."""
+    import pyarrow.dataset as pads
+
+    t = pads.dataset(str(root / "data"), format="parquet").to_table(
+        columns=["image"], filter=pads.field("image_id") == image_id)
+    return next((im for im in t.column("image").to_pylist() if im and im.get("bytes")), None)
 
 
 def _rows_of(r: dict[str, Any], input_root: Path | None, seen_images: set[str]) -> Iterator[dict[str, Any]]:

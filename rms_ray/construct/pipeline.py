@@ -8,37 +8,40 @@ Ray Data shape of the generation pass::
                      -> iter_rows() in the driver: small per-image summaries for progress and accounting
 
 Images are decoded per row (one bad file never costs the others) and twice: once in the ingest pass (hashes for
-dedup, quarantine reasons; cached in ``_work/ingest.parquet``) and again right before the engine, so that the
-object store only ever holds images in flight. Decoding is milliseconds; an image's generation is seconds.
+dedup, quarantine reasons; cached in ``_work/ingest.parquet``, committed in parts while the pass runs) and again
+right before the engine, so that the object store only ever holds images in flight. Decoding is milliseconds; an
+image's generation is seconds.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from rms_ray.common.config import ConstructConfig
-from rms_ray.common.ray_utils import init_ray
+from rms_ray.common.progress import ImageProgress, report, start_channel
+from rms_ray.common.ray_utils import init_ray, shutdown_ray
 from rms_ray.data.dedup import COLOR_SIG_PREFIX, find_duplicates
 from rms_ray.data.images import ImagePolicy, NormalizedImage, Quarantined, QuarantineReason, normalize_image
 from rms_ray.data.sources import ImageSource, list_images, read_bytes
-from rms_ray.data.store import INGEST_SCHEMA, OutputStore, table, write_parquet_atomic
+from rms_ray.data.store import INGEST_SCHEMA, OutputStore, table
+
+logger = logging.getLogger(__name__)  # one line per stage milestone (see rms_ray.common.failures.RunLog)
 
 
 def image_policy(cfg: ConstructConfig) -> ImagePolicy:
-    """The :class:`~rms_ray.data.images.ImagePolicy` of a config."""
-    im = cfg.images
-    return ImagePolicy(max_side=im.max_side, max_pixels=im.max_pixels, min_side=im.min_side, animated=im.animated,
-                       encode_format=im.encode_format, jpeg_quality=im.jpeg_quality)
+    """The :class:`~rms_ray.data.images.ImagePolicy` of a config (built as config validation checks it)."""
+    return cfg.images.policy()
 
 
 def decode_source(uri: str, rel_path: str, policy: ImagePolicy):
@@ -102,29 +105,85 @@ def reusable_ingest_cache(cached: pa.Table) -> pa.Table:
     return cached.filter(keep)
 
 
-def ingest(sources: list[ImageSource], cfg: ConstructConfig, store: OutputStore) -> pa.Table:
-    """Decode + hash every source once; cached in ``_work/ingest.parquet`` per (image id, size, mtime), so a
-    resumed run re-reads only files that are new or changed (or whose cached row predates a column, see
-    :func:`reusable_ingest_cache`). Returns one row per source, sorted by id."""
-    path = store.work / "ingest.parquet"
-    cached = reusable_ingest_cache(pq.read_table(path)) if path.exists() else INGEST_SCHEMA.empty_table()
+#: The ingest pass commits its results every this many rows or seconds (whichever comes first), so a pass that
+#: dies keeps what it decoded (see :func:`ingest`).
+INGEST_PART_ROWS = 8192
+INGEST_PART_SECONDS = 60.0
+
+
+class Ingested(NamedTuple):
+    """What :func:`ingest` returns: one row per source (sorted by id) and how many inputs this call decoded."""
+
+    table: pa.Table
+    decoded: int
+
+
+def _ingest_blocks(n: int) -> int:
+    # >= 32 rows a block (task overhead), <= 1024 (a block's results reach the driver, and its part file, when the
+    # whole block is decoded: small blocks keep a crash from losing much)
+    return max(1, min(n // 32, max(64, -(-n // 1024))))
+
+
+def ingest(sources: list[ImageSource], cfg: ConstructConfig, store: OutputStore, *,
+           part_rows: int = INGEST_PART_ROWS, part_seconds: float = INGEST_PART_SECONDS,
+           on_part: Callable[[int, int], None] | None = None) -> Ingested:
+    """Decode + hash every source once; cached per (image id, size, mtime), so a resumed run re-reads only files
+    that are new or changed (or whose cached row predates a column, see :func:`reusable_ingest_cache`).
+
+    Results are committed while the pass runs: every ``part_rows`` rows or ``part_seconds`` seconds the driver
+    writes them as a part file (``_work/ingest/part-*.parquet``, atomic), so a pass killed at 90% is resumed
+    from the parts and decodes only the rest. When the pass ends the parts are merged into
+    ``_work/ingest.parquet``. ``on_part(rows_committed, rows_to_decode)`` is called after each part.
+
+    Returns:
+        :class:`Ingested`: one row per source, sorted by id, and the number of inputs decoded by this call.
+    """
+    pc = pa.compute
+    stored = store.read_ingest_cache()
+    cached = pa.concat_tables([reusable_ingest_cache(t) for t in stored]) if stored else INGEST_SCHEMA.empty_table()
     fresh = {(s.image_id, s.size, s.mtime_ns) for s in sources if s.size is not None}
-    keys = zip(*(cached.column(c).to_pylist() for c in ("image_id", "size", "mtime_ns")))
-    reuse = pa.array([k in fresh for k in keys], pa.bool_())
-    cached = cached.filter(reuse)
+    keys = list(zip(*(cached.column(c).to_pylist() for c in ("image_id", "size", "mtime_ns"))))
+    seen: set[str] = set()
+    reuse = []
+    for k in keys:  # this input's files as they are now, once each (the cache and a part may both hold one)
+        ok = k in fresh and k[0] not in seen
+        reuse.append(ok)
+        if ok:
+            seen.add(k[0])
+    cached = cached.filter(pa.array(reuse, pa.bool_()))
     have = set(cached.column("image_id").to_pylist())
     missing = [s for s in sources if s.image_id not in have]
+    parts_pending = store.ingest_parts.is_dir() and any(store.ingest_parts.glob("part-*.parquet"))
     if missing:
         import ray
 
-        ds = ray.data.from_items(_items(missing), override_num_blocks=max(1, min(len(missing) // 32, 64)))
+        ds = ray.data.from_items(_items(missing), override_num_blocks=_ingest_blocks(len(missing)))
         ds = ds.map_batches(ingest_batch, fn_kwargs={"policy": image_policy(cfg)}, batch_size=32,
                             num_cpus=cfg.resources.decode_num_cpus)
-        new = pa.Table.from_pylist(ds.take_all(), schema=INGEST_SCHEMA)
-        cached = pa.concat_tables([cached, new])
-        write_parquet_atomic(cached, path)
+        new, buf, done = [], [], 0
+        last = time.monotonic()
+
+        def commit(rows: list[dict]) -> None:
+            nonlocal done
+            for i in range(0, len(rows), part_rows):
+                part = table(rows[i:i + part_rows], INGEST_SCHEMA)
+                store.write_ingest_part(part)
+                new.append(part)
+                done += part.num_rows
+                if on_part is not None:
+                    on_part(done, len(missing))
+
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            buf += batch.to_pylist()
+            if len(buf) >= part_rows or time.monotonic() - last >= part_seconds:
+                commit(buf)
+                buf, last = [], time.monotonic()
+        commit(buf)
+        cached = pa.concat_tables([cached, *new])
+    if missing or parts_pending:
+        store.merge_ingest(cached)  # one file again: a resume reads it, not one file per part
     wanted = pa.array([s.image_id for s in sources], pa.string())
-    return cached.filter(pa.compute.is_in(cached.column("image_id"), wanted)).sort_by("image_id")
+    return Ingested(cached.filter(pc.is_in(cached.column("image_id"), wanted)).sort_by("image_id"), len(missing))
 
 
 META_COLUMNS = ("sha256", "phash", "width", "height", "source_width", "source_height", "source_format",
@@ -155,16 +214,21 @@ class ConstructUDF:
 
     Each call commits its rows atomically (see :mod:`rms_ray.data.store`) and returns one summary row per image.
     Writing inside the actor keeps all rows of an image in one commit, which is what makes resume exact.
+    ``progress``: a :class:`rms_ray.common.progress.ProgressChannel` actor (or None) told when the engine is up
+    and when each image's generation ends, for the driver's per-image progress bar.
     """
 
-    def __init__(self, cfg_json: str, output_dir: str) -> None:
+    def __init__(self, cfg_json: str, output_dir: str, progress: Any = None) -> None:
         from rms_ray.construct.loop import Constructor
         from rms_ray.engine.vllm_engine import VLMEngine
 
         self.cfg = ConstructConfig.model_validate_json(cfg_json)
+        self.progress = progress
         t0 = time.perf_counter()
         engine = VLMEngine(self.cfg.model, self.cfg.resources, seed=self.cfg.generation.seed)
         self.engine_init_s = time.perf_counter() - t0  # reported once, with this actor's first batch
+        self.dtype_json = json.dumps(engine.dtype_choice.to_dict())
+        report(progress, {"kind": "engine_ready", "init_s": self.engine_init_s, **engine.dtype_choice.to_dict()})
         self.engine = engine
         self.actor_key = f"{os.getpid()}-{id(self)}"
         self.constructor = Constructor(self.cfg, engine, model_id=self.cfg.model.source)
@@ -186,7 +250,7 @@ class ConstructUDF:
             inputs.append(ImageInput(str(image_id), str(rel), bytes(batch["data"][i]), meta))
         # One flow per image, all feeding the engine's continuous batching (see rms_ray.engine.vllm_engine): an
         # image's next step is queued as soon as its own previous step is done, not when the batch's slowest is.
-        outcomes = list(self.flows.map(lambda im: self.constructor.construct([im])[0], inputs)) if inputs else []
+        outcomes = list(self.flows.map(self._flow, inputs)) if inputs else []
         accepted, rejected, images = [], list(failed), []
         for r in failed:
             images.append({"image_id": r["image_id"], "sha256": r.pop("ingest_sha256"), "status": "rejected",
@@ -206,7 +270,13 @@ class ConstructUDF:
         engine_stats = json.dumps({"actor": self.actor_key, **self.engine.stats()})  # cumulative, this actor
         return {**{k: [im[k] for im in images] for k in ("image_id", "status", "n_accepted", "n_rejected",
                                                           "gen_tokens")},
-                "engine_init_s": [init] * len(images), "engine_stats": [engine_stats] * len(images)}
+                "engine_init_s": [init] * len(images), "engine_stats": [engine_stats] * len(images),
+                "engine_dtype": [self.dtype_json] * len(images)}
+
+    def _flow(self, im: Any) -> Any:
+        outcome = self.constructor.construct([im])[0]
+        report(self.progress, {"kind": "image", "image_id": im.image_id, "status": outcome.status})
+        return outcome
 
 
 def _py(value: Any) -> Any:
@@ -225,6 +295,7 @@ class GenerationStats:
     seconds: float = 0.0
     engine_init_s: float = 0.0  # longest engine start among the actors (they start in parallel)
     engine: dict[str, dict[str, float]] = field(default_factory=dict)  # actor -> its engine's latest stats
+    dtypes: list[dict[str, str]] = field(default_factory=list)  # distinct dtype choices the engines reported
 
     def engine_summary(self) -> dict[str, float]:
         """Engine counters summed over actors (``mean_running`` and ``idle_share`` averaged, step-weighted)."""
@@ -241,9 +312,9 @@ class GenerationStats:
 
 
 def generate(todo: list[ImageSource], shas: dict[str, str], cfg: ConstructConfig, store: OutputStore,
-             on_image: Callable[[dict[str, Any]], None] | None = None) -> GenerationStats:
+             on_image: Callable[[dict[str, Any]], None] | None = None, progress: Any = None) -> GenerationStats:
     """Stream ``todo`` through the engine actor pool; ``on_image`` is called with each image's summary row.
-    ``shas`` maps image id -> sha256 seen at ingest."""
+    ``shas`` maps image id -> sha256 seen at ingest; ``progress``: a progress channel actor for the engines."""
     import ray
 
     stats = GenerationStats()
@@ -257,7 +328,7 @@ def generate(todo: list[ImageSource], shas: dict[str, str], cfg: ConstructConfig
                         num_cpus=res.decode_num_cpus)
     from rms_ray.engine.pool import map_engine
 
-    ds = map_engine(ds, ConstructUDF, res, fn_constructor_args=(cfg.model_dump_json(), str(store.root)))
+    ds = map_engine(ds, ConstructUDF, res, fn_constructor_args=(cfg.model_dump_json(), str(store.root), progress))
     for row in ds.iter_rows():
         stats.images += 1
         stats.gen_tokens += int(row["gen_tokens"])
@@ -265,6 +336,9 @@ def generate(todo: list[ImageSource], shas: dict[str, str], cfg: ConstructConfig
         es = json.loads(row["engine_stats"])
         if es["steps"] >= stats.engine.get(es["actor"], {}).get("steps", -1):
             stats.engine[es.pop("actor")] = es
+        dtype = json.loads(row["engine_dtype"])
+        if dtype not in stats.dtypes:
+            stats.dtypes.append(dtype)
         if on_image:
             on_image(row)
     stats.seconds = time.perf_counter() - t0
@@ -282,11 +356,19 @@ class Plan:
     canonical: list[ImageSource]
     todo: list[ImageSource]
     shas: dict[str, str]  # image id -> sha256 at ingest, for every normalised input
+    decoded: int = 0  # inputs the ingest pass decoded (the others came from its cache)
+
+    def still_to_do(self, store: OutputStore) -> list[ImageSource]:
+        """Canonical images not committed (with their current content) in ``store`` now."""
+        done = store.done_keys()
+        return [s for s in self.canonical if (s.image_id, self.shas[s.image_id]) not in done]
 
 
-def plan(sources: list[ImageSource], repeated: int, cfg: ConstructConfig, store: OutputStore) -> Plan:
-    """Ingest and dedup listed inputs; decide which canonical images still need generation."""
-    ing = ingest(sources, cfg, store)
+def plan(sources: list[ImageSource], repeated: int, cfg: ConstructConfig, store: OutputStore, *,
+         on_ingest_part: Callable[[int, int], None] | None = None) -> Plan:
+    """Ingest and dedup listed inputs; decide which canonical images still need generation (reads the commit index
+    and the few shards committed since, not every shard: see :meth:`OutputStore.done_keys`)."""
+    ing, decoded = ingest(sources, cfg, store, on_part=on_ingest_part)
     ok = ing.filter(pa.compute.equal(ing.column("status"), "ok"))
     im = cfg.images
     rows = zip(*(ok.column(c).to_pylist() for c in ("image_id", "sha256", "phash", "color_sig")))
@@ -297,55 +379,111 @@ def plan(sources: list[ImageSource], repeated: int, cfg: ConstructConfig, store:
     ok_ids = set(ok.column("image_id").to_pylist())
     canonical = [s for s in sources if s.image_id in ok_ids and s.image_id not in dup_ids]
     shas = dict(zip(ok.column("image_id").to_pylist(), ok.column("sha256").to_pylist()))
-    done = store.done_keys()
-    todo = [s for s in canonical if (s.image_id, shas[s.image_id]) not in done]
-    return Plan(sources, repeated, ing, dups, canonical, todo, shas)
+    p = Plan(sources, repeated, ing, dups, canonical, [], shas, decoded)
+    p.todo = p.still_to_do(store)
+    return p
+
+
+def redo_damaged(p: Plan, store: OutputStore) -> list[ImageSource]:
+    """After generation: check every committed shard (:meth:`OutputStore.verify_commits`: sizes against its
+    ``_SUCCESS``), move damaged ones aside, and return the images that must be generated again (theirs, and any
+    other still missing). Empty in a healthy run. Finalising reads every shard, so this costs one stat per file
+    there and then, not on every resume."""
+    if not store.verify_commits():
+        return []
+    return p.still_to_do(store)
+
+
+class NoImagesError(ValueError):
+    """The input lists no image with a configured extension: there is nothing to build."""
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def run_construct(cfg: ConstructConfig, input_spec: str, output_dir: str | Path, *, limit: int | None = None,
-                  ray_address: str | None = None, progress: bool = True) -> dict[str, Any]:
+                  ray_address: str | None = None, progress: bool = True,
+                  log: Callable[[str], None] = _stderr) -> dict[str, Any]:
     """Build (or resume) an RMS dataset from ``input_spec`` into ``output_dir``; returns the manifest dict.
 
+    ``progress``: a per-image bar on stderr. ``log``: where one-line notes go (e.g. "resuming: N of M images
+    already done"); default stderr.
+
     Raises:
-        FileNotFoundError: the input does not exist. ConfigError never (cfg is already validated).
+        FileNotFoundError: the input does not exist. NoImagesError: it lists no image.
+        rms_ray.engine.ModelSourceError: ``model.source`` names no model.
+        rms_ray.data.store.OutputError: an output folder this run must not write into (``OutputBusy``: another
+            run is writing there; ``OutputConfigMismatch``: made with another config, prompts or model revision).
+        All of them before Ray starts and before the output folder is bound to this config; and after Ray starts,
+        OutputError when a multi-node cluster's nodes do not all see the output folder.
     """
     from rms_ray.construct.finalize import finalize
+    from rms_ray.engine.vllm_engine import check_model_source
+
+    from rms_ray.common.placement import check_output_shared, resolve_run_paths
+    from rms_ray.construct.binding import run_binding
 
     t_start = time.perf_counter()
-    out_abs = str(Path(output_dir).expanduser().resolve())
+    # absolute on the driver: actors (a job's working_dir copy, other machines) must write to the same place
+    cfg, out_abs = resolve_run_paths(cfg, output_dir)
     # fail fast, before Ray starts; never read our own output back in as input
     sources, repeated = list_images(input_spec, tuple(cfg.images.extensions), exclude=out_abs)
     if limit is not None:
         sources = sources[:limit]
-    store = OutputStore(output_dir)
-    store.check_config(cfg.config_hash(), cfg.model_dump(mode="json"))
-    store.prepare()
-    started = init_ray(cfg.resources.ray_num_cpus, ray_address)
+    if not sources:
+        raise NoImagesError(f"no images in {input_spec} (looked for {', '.join(cfg.images.extensions)}); "
+                            "nothing to build")
+    check_model_source(cfg.model.source)
+    store = OutputStore(out_abs)
+    run_lock = store.lock()  # one run per output folder; released by the OS if this process dies
     try:
+        store.check_config(cfg.config_hash(), cfg.model_dump(mode="json"), binding=run_binding(cfg))
+        store.prepare()
+        started = init_ray(cfg.resources.ray_num_cpus, ray_address)
+    except BaseException:
+        run_lock.release()
+        raise
+    try:
+        check_output_shared(out_abs, store.work)  # a multi-node run needs an output every node sees
         t0 = time.perf_counter()
         p = plan(sources, repeated, cfg, store)
         t_plan = time.perf_counter() - t0
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(p.todo), desc="construct", unit="img", dynamic_ncols=True)
-        counts = {"accepted": 0, "rejected": 0}
-
-        def on_image(row: dict[str, Any]) -> None:
-            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        already = len(p.canonical) - len(p.todo)
+        logger.info("ingest done: %d inputs -> %d quarantined, %d duplicates, %d to generate (%d already done) "
+                    "in %.1f s", len(p.sources), len(p.sources) - len(p.shas), len(p.duplicates), len(p.todo),
+                    already, t_plan)
+        if already:
+            log(f"resuming: {already} of {len(p.canonical)} images already done")
+        channel = start_channel() if progress and p.todo else None
+        bar = ImageProgress(len(p.todo), channel) if channel is not None else None
+        if p.todo:
+            logger.info("generation started: %d images, %d engine replica(s), batches of %d", len(p.todo),
+                        cfg.resources.engine_replicas, cfg.resources.batch_size)
+        try:
+            stats = generate(p.todo, p.shas, cfg, store, bar.committed if bar else None, progress=channel)
+        finally:
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(counts)
-
-        stats = generate(p.todo, p.shas, cfg, store, on_image)
-        if bar is not None:
-            bar.close()
+                bar.close()
+        if p.todo:
+            logger.info("generation finished: %d images in %.1f s (engine start %.1f s)", stats.images,
+                        stats.seconds, stats.engine_init_s)
+        redo = redo_damaged(p, store)  # shards damaged on disk (e.g. by a machine crash) are redone, never read
+        if redo:
+            log(f"{len(redo)} committed images were in damaged shards (moved to {store.damaged}): redoing them")
+            more = generate(redo, p.shas, cfg, store)
+            stats.images, stats.gen_tokens = stats.images + more.images, stats.gen_tokens + more.gen_tokens
+            stats.seconds += more.seconds
+            stats.engine.update({f"redo-{k}": v for k, v in more.engine.items()})
+            stats.dtypes += [d for d in more.dtypes if d not in stats.dtypes]
         timings = {"plan_s": round(t_plan, 3), "generate_s": round(stats.seconds, 3)}
+        t0 = time.perf_counter()
         manifest = finalize(store, cfg, p, stats, timings, input_spec, t_start)
+        a = manifest["accounting"]
+        logger.info("finalise done: %d samples accepted, %d rejected -> %s in %.1f s", a["samples_accepted"],
+                    a["samples_rejected"], store.root, time.perf_counter() - t0)
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
+            shutdown_ray()  # also removes this run's scratch folder (Ray's session, engine scratch files)
+        run_lock.release()
     return manifest

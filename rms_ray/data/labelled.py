@@ -7,7 +7,8 @@ Columns (``LABELLED_FIELDS``):
 =============  ==========================================================================================
 ``id``         string, unique within a file
 ``image``      JSONL: a path relative to the file's folder (or absolute). Parquet: the Hugging Face
-               ``datasets`` Image struct ``{bytes, path}`` (bytes embedded) or a plain path string.
+               ``datasets`` Image struct ``{bytes, path}`` (bytes embedded), a plain path string, or the
+               encoded image as plain binary.
 ``query``      string, the user's text sent with the image (non-empty)
 ``response``   string or null: a model answer to (image, query); set for ``task == "response"`` rows
 ``label``      ``safe`` | ``unsafe``. Prompt task: is the image+query pair unsafe to answer naively.
@@ -30,6 +31,7 @@ reason (see :func:`load_row_image`), so one bad image never stops a 100k-row eva
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,6 +104,8 @@ def load_row_image(value: Any, base_dir: str | Path | None) -> tuple[bytes | Non
     """
     if isinstance(value, dict) and value.get("bytes"):
         return bytes(value["bytes"]), value.get("path"), None
+    if isinstance(value, (bytes, bytearray, memoryview)):  # a plain binary column holding the encoded image
+        return (bytes(value), None, None) if len(value) else (None, None, "image is empty (0 bytes)")
     path = _image_path_of(value)
     if not path:
         return None, None, "no image"
@@ -137,14 +141,14 @@ def iter_rows(path: str | Path, *, columns: list[str] | None = None, batch_size:
     if not path.is_file():
         raise FileNotFoundError(f"dataset {path} not found")
     if path.suffix == ".parquet":
-        pf = pq.ParquetFile(path)
+        pf = _parquet_file(path)
         cols = [c for c in columns if c in pf.schema_arrow.names] if columns else None
         for rb in pf.iter_batches(batch_size=batch_size, columns=cols):
             yield rb.to_pylist()
         return
     batch: list[dict] = []
     with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+        for n, line in _numbered_lines(path, f):
             if not line.strip():
                 continue
             try:
@@ -161,11 +165,29 @@ def iter_rows(path: str | Path, *, columns: list[str] | None = None, batch_size:
         yield batch
 
 
+def _parquet_file(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:  # not Parquet at all, truncated, ...
+        raise LabelledFormatError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def _numbered_lines(path: Path, f: Any) -> Iterator[tuple[int, str]]:
+    """``enumerate(f, 1)`` of a text file, with a file that is not UTF-8 named instead of a bare decode error."""
+    n = 0
+    try:
+        for n, line in enumerate(f, 1):
+            yield n, line
+    except UnicodeDecodeError as e:
+        raise LabelledFormatError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at or after line "
+                                  f"{n + 1}); save it as UTF-8") from None
+
+
 def file_columns(path: str | Path) -> list[str]:
     """Column names of a labelled file (Parquet: from the schema; JSONL: union over all lines)."""
     path = Path(path)
     if path.suffix == ".parquet":
-        return list(pq.read_schema(path).names)
+        return list(_parquet_file(path).schema_arrow.names)
     names: dict[str, None] = {}
     for batch in iter_rows(path):
         for row in batch:
@@ -206,6 +228,7 @@ def scan(path: str | Path, *, max_errors: int = 5) -> LabelledSummary:
         raise LabelledFormatError(f"{path}: missing required column(s) {', '.join(missing)} (has: {', '.join(cols)})")
     summary = LabelledSummary(str(path), columns=cols)
     errors: list[str] = []
+    n_bad = 0
     seen: set[str] = set()
     n = 0
     wanted = [c for c in ("id", "label", "task", "response") if c in cols]
@@ -218,14 +241,16 @@ def scan(path: str | Path, *, max_errors: int = 5) -> LabelledSummary:
                 problem = f"duplicate id {rid!r}"
             seen.add(str(rid))
             if problem:
+                n_bad += 1
                 if len(errors) < max_errors:
                     errors.append(f"row {n} (id {rid!r}): {problem}")
                 continue
             by_label = summary.counts.setdefault(default_task(row), {lbl: 0 for lbl in LABELS})
             by_label[row["label"]] += 1
     summary.rows = n
-    if errors:
-        raise LabelledFormatError(f"{path}: bad rows (first {len(errors)} shown):\n  " + "\n  ".join(errors))
+    if errors:  # one line (the CLI prints it as one `error:` line): the first rows, then how many more
+        more = f" (and {n_bad - len(errors)} more bad rows)" if n_bad > len(errors) else ""
+        raise LabelledFormatError(f"{path}: " + "; ".join(errors) + more)
     if n == 0:
         raise LabelledFormatError(f"{path}: no rows (an empty split cannot be evaluated)")
     return summary
@@ -252,18 +277,24 @@ class LabelledWriter:
     path relative to ``image_base``). Parquet: image bytes are embedded (read from the path when the row gives
     none), so the file is self-contained; the original path is kept in ``image.path``.
 
-    Use as a context manager; on an exception nothing is written. Extra columns must keep one type per file.
+    Use as a context manager; on an exception nothing is written. Extra columns must keep one type per file: a
+    Parquet file fixes each extra column's type at its first row group (from ``extra_types`` if given, else from
+    the values of that group), and a later value that the type cannot hold as it is (``2.5`` in an integer
+    column, a dict with other keys, a string in a number column) is refused with the column and row named, never
+    converted silently.
 
     Raises:
-        LabelledFormatError: a row violates :func:`row_problem`, or has no usable image (check first with
-            :func:`load_row_image` and exclude such rows with a reason).
+        LabelledFormatError: a row violates :func:`row_problem`, has no usable image (check first with
+            :func:`load_row_image` and exclude such rows with a reason), or an extra column changes type.
     """
 
-    def __init__(self, path: str | Path, *, image_base: str | Path | None = None, rows_per_group: int = 512) -> None:
+    def __init__(self, path: str | Path, *, image_base: str | Path | None = None, rows_per_group: int = 512,
+                 extra_types: dict[str, pa.DataType] | None = None) -> None:
         self.path = Path(path)
         _check_suffix(self.path)
         self.image_base = Path(image_base) if image_base is not None else None
         self.rows_per_group = rows_per_group
+        self.extra_types = dict(extra_types or {})
         self.counts: dict[str, dict[str, int]] = {}
         self.rows = 0
         self._buf: list[dict] = []
@@ -305,20 +336,69 @@ class LabelledWriter:
         for r in rows:
             self.write(r)
 
+    def _type_error(self, name: str, target: pa.DataType | None, why: str) -> LabelledFormatError:
+        """The error for an extra column whose values do not fit one type, naming the first row that breaks it."""
+        first = None
+        for r in self._buf:
+            v = r.get(name)
+            if v is None:
+                continue
+            if target is None:  # first group: the first non-null value sets the expected type
+                target = _arrow_type(v)
+                first = r
+                continue
+            if not _fits(v, target):
+                what = (f"column {name!r} holds {type(v).__name__} {_short(v)}, but "
+                        + (f"row id {first.get('id')!r} made it {target}" if first is not None
+                           else f"the first {self.rows_per_group} rows fixed it as {target}"))
+                return LabelledFormatError(f"{self.path}: row id {r.get('id')!r}: {what}; give an extra column "
+                                           "one type per file (e.g. write its values as strings)")
+        return LabelledFormatError(f"{self.path}: extra column {name!r}: {why}")
+
     def _flush(self) -> None:
         if not self._buf:
             return
         if self._schema is None:
             extras = [k for k in dict.fromkeys(k for r in self._buf for k in r) if k not in CORE]
-            extra_schema = pa.Table.from_pylist([{k: r.get(k) for k in extras} for r in self._buf]).schema
-            fields = LABELLED_FIELDS + [(f.name, pa.string() if pa.types.is_null(f.type) else f.type)
-                                        for f in extra_schema]
+            extras += [k for k in self.extra_types if k not in extras and k not in CORE]
+            fields = list(LABELLED_FIELDS)
+            for k in extras:
+                if k in self.extra_types:
+                    fields.append((k, self.extra_types[k]))
+                    continue
+                try:
+                    t = pa.array([r.get(k) for r in self._buf]).type
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+                    raise self._type_error(k, None, str(e)) from None
+                fields.append((k, pa.string() if pa.types.is_null(t) else t))
             base = pa.schema(fields)
             self._schema = base.with_metadata(hf_schema_metadata(base))
             self._writer = pq.ParquetWriter(self._tmp, self._schema, compression="zstd")
-        names = self._schema.names
-        tbl = pa.Table.from_pylist([{n: r.get(n) for n in names} for r in self._buf], schema=self._schema)
-        self._writer.write_table(tbl)
+        core = {name for name, _ in LABELLED_FIELDS}
+        known = set(self._schema.names)
+        for r in self._buf:  # a column first seen after the schema was fixed would be dropped without a word
+            late = [k for k, v in r.items() if k not in known and v is not None]
+            if late:
+                raise LabelledFormatError(
+                    f"{self.path}: row id {r.get('id')!r}: column(s) {', '.join(map(repr, late))} first appear after "
+                    f"the first {self.rows_per_group} rows, when the Parquet schema is already fixed; give every row "
+                    "every column (null where absent) or pass extra_types")
+        columns = []
+        for f in self._schema:
+            values = [r.get(f.name) for r in self._buf]
+            if f.name in core:
+                columns.append(pa.array(values, type=f.type))
+                continue
+            # pyarrow converts a value into a fixed type silently where it can (2.5 -> 2 in int64, a dict's
+            # unknown keys dropped from a struct): keep a column only if every value comes back as it was.
+            try:
+                arr = pa.array(values, type=f.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+                raise self._type_error(f.name, f.type, str(e)) from None
+            if not _same(arr.to_pylist(), values):
+                raise self._type_error(f.name, f.type, f"values do not fit its type {f.type}")
+            columns.append(arr)
+        self._writer.write_table(pa.Table.from_arrays(columns, schema=self._schema))
         self._buf = []
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -344,6 +424,41 @@ class LabelledWriter:
                 self._writer.close()
             if self._tmp is not None and self._tmp.exists():
                 self._tmp.unlink()
+
+
+def _arrow_type(value: Any) -> pa.DataType | None:
+    try:
+        return pa.array([value]).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+
+
+def _fits(value: Any, target: pa.DataType) -> bool:
+    """Whether ``value`` goes into a column of type ``target`` unchanged."""
+    try:
+        return _same(pa.array([value], type=target).to_pylist()[0], value)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return False
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a`` (read back from Arrow) equals ``b`` (as given): dict keys that Arrow filled with null do not count;
+    an int read back as the same float is the same value; a bool is never the same as a number."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = {k for k, v in a.items() if v is not None}
+        return keys == {k for k, v in b.items() if v is not None} and all(_same(a[k], b[k]) for k in keys)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, bool) != isinstance(b, bool):
+        return False
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) or (isinstance(a, (int, float)) and isinstance(b, (int, float))) if a == b else False
+
+
+def _short(value: Any, n: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def write_excluded(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:

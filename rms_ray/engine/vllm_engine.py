@@ -12,20 +12,27 @@ this pattern (a stateful callable class passed to ``map_batches`` with an actor 
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
+import re
+import shutil
+import tempfile
 import threading
 import time
+import weakref
 from concurrent.futures import Future
-import re
+from contextlib import contextmanager
 from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from PIL import Image
 
 from rms_ray.common.config import ModelConfig, ResourcesConfig
+from rms_ray.common.ray_utils import SCRATCH_ENV
+from rms_ray.engine.errors import EngineStartError, engine_start_message
 
 # Defaults that make the vLLM CPU build behave on small machines; a profile's ``model.env`` overrides them.
 CPU_ENV_DEFAULTS = {
@@ -150,6 +157,40 @@ def apply_engine_env(model_cfg: ModelConfig, num_gpus: float) -> None:
         os.environ[key] = value
 
 
+def engine_scratch_dir() -> str:
+    """A new folder for one engine's scratch files: under ``$RMS_RAY_RUN_TMP`` when set (a local run's scratch
+    folder), else in the system temp folder."""
+    base = os.environ.get(SCRATCH_ENV)
+    if base:
+        os.makedirs(base, exist_ok=True)
+    return tempfile.mkdtemp(prefix="rms_ray_engine_", dir=base or None)
+
+
+@contextmanager
+def _temp_root(path: str) -> Iterator[None]:
+    """Point :func:`tempfile.gettempdir` at ``path`` for the block (vLLM builds its file-store path from it)."""
+    old = tempfile.tempdir
+    tempfile.tempdir = path
+    try:
+        yield
+    finally:
+        tempfile.tempdir = old
+
+
+class _DropRepeatedThreadWarning(logging.Filter):
+    # vLLM's CPU worker replaces torch.set_num_threads with a function that skips the call and logs a warning;
+    # vLLM's own renderer then calls it twice per image request (over a thousand lines in a worker log per run).
+    # The skip is intended and nothing can be done about it: drop only that message.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torch.set_num_threads" not in record.getMessage()
+
+
+def _quiet_vllm_cpu_worker() -> None:
+    log = logging.getLogger("vllm.v1.worker.cpu_worker")
+    if not any(isinstance(f, _DropRepeatedThreadWarning) for f in log.filters):
+        log.addFilter(_DropRepeatedThreadWarning())
+
+
 class VLMEngine:
     """One vLLM engine in this process.
 
@@ -157,17 +198,25 @@ class VLMEngine:
         model_cfg: which model and how vLLM loads it.
         resources: tensor parallelism and whether GPUs are used.
     Raises:
-        Whatever ``vllm.LLM`` raises for a model it cannot load (a missing path, an unsupported architecture).
+        EngineStartError: ``vllm.LLM`` refused to start (a model it cannot load, a setting it rejects, a KV cache
+            that does not fit): one line, ``engine failed to start: <vLLM's reason> (model X, max_model_len Y)``,
+            with vLLM's exception as ``__cause__``.
     """
 
     def __init__(self, model_cfg: ModelConfig, resources: ResourcesConfig, seed: int = 0) -> None:
         apply_engine_env(model_cfg, resources.num_gpus_per_engine)
+        _quiet_vllm_cpu_worker()
         from vllm import LLM
 
+        from rms_ray.engine.dtype import resolve_dtype
+
         self.model_id = model_cfg.source
+        #: what ``dtype`` vLLM got and why (``dtype: auto`` is decided here, on the machine the engine runs on)
+        self.dtype_choice = resolve_dtype(model_cfg.dtype, resources.num_gpus_per_engine)
         kwargs: dict[str, Any] = dict(
             model=resolve_model_source(model_cfg.source),
-            dtype=model_cfg.dtype,
+            dtype=self.dtype_choice.dtype,
+            use_tqdm_on_load=False,  # a weight-loading bar per engine start is noise in logs and consoles
             max_model_len=model_cfg.max_model_len,
             limit_mm_per_prompt={"image": 1, "video": 0},
             structured_outputs_config={"backend": model_cfg.structured_outputs_backend, "disable_any_whitespace": True},
@@ -183,7 +232,16 @@ class VLMEngine:
         if model_cfg.max_num_seqs:
             kwargs["max_num_seqs"] = model_cfg.max_num_seqs
         kwargs.update(model_cfg.engine_kwargs)
-        self.llm = LLM(**kwargs)
+        # vLLM's CPU engine keeps a torch.distributed file store (vllm_dist_<uuid>) in the temp folder and never
+        # removes it; give it a folder of this engine's own, removed when the engine goes (or with the run's
+        # scratch folder, see rms_ray.common.ray_utils.init_ray).
+        self.scratch = engine_scratch_dir()
+        self._remove_scratch = weakref.finalize(self, shutil.rmtree, self.scratch, True)
+        with _temp_root(self.scratch):
+            try:
+                self.llm = LLM(**kwargs)
+            except Exception as e:  # noqa: BLE001 - any refusal: one line naming vLLM's reason, cause attached
+                raise EngineStartError(engine_start_message(e, model_cfg)) from e
         self.max_num_seqs = int(self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()

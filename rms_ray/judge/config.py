@@ -47,10 +47,12 @@ class JudgeConfig(_Strict):
         return shaping_hash(self)
 
 
-def load_judge_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> JudgeConfig:
-    """Read and validate a judge profile (a YAML path or a name in ``configs/``).
+def load_judge_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None,
+                      origins: dict[str, str] | None = None) -> JudgeConfig:
+    """Read and validate a judge profile (a YAML path or a name in ``configs/``); ``origins`` as in
+    :func:`rms_ray.common.config.load_config` (how each override was given, named in errors).
 
     Raises:
         rms_ray.common.config.ConfigError: unreadable YAML, unknown keys or invalid values (by key path).
     """
-    return load_config(name_or_path, overrides, schema=JudgeConfig)
+    return load_config(name_or_path, overrides, schema=JudgeConfig, origins=origins)

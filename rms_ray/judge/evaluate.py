@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from collections import Counter
@@ -32,9 +33,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rms_ray.common.io import hf_schema_metadata, write_json_atomic, write_parquet_atomic, write_text_atomic
+from rms_ray.common.io import hf_schema_metadata, tmp_suffix, write_json_atomic, write_parquet_atomic, write_text_atomic
 from rms_ray.data.labelled import CORE, LabelledSummary, LabelledWriter, load_row_image, scan
 from rms_ray.judge.config import JudgeConfig
+
+logger = logging.getLogger(__name__)  # one line per stage milestone
 
 _S, _F, _B = pa.string(), pa.float64(), pa.bool_()
 #: What flows from the read tasks to the judge actors: one row per labelled row, image bytes loaded.
@@ -65,6 +68,7 @@ class DatasetInput:
     origin: str
     summary: LabelledSummary
     sha256: str
+    base_dir: Path | None = None  # image paths are relative to this (default: path's folder)
 
 
 def _file_sha256(path: Path) -> str:
@@ -77,6 +81,25 @@ def _file_sha256(path: Path) -> str:
 
 def _is_construct_output(path: Path) -> bool:
     return path.is_dir() and (path / "manifest.json").is_file() and (path / "data").is_dir()
+
+
+#: Characters JSON allows raw inside strings at which ``str.splitlines`` (so Ray's ``read_text``) breaks a line.
+_SPLITLINES_ONLY = ("\x85", "\u2028", "\u2029")
+
+
+def _ray_readable_jsonl(path: Path, copy: Path) -> Path:
+    """``path``, or, when a line holds a character at which Ray's ``read_text`` would split it (it splits with
+    ``str.splitlines``), a copy at ``copy`` with those characters JSON-escaped (the same JSON values)."""
+    with path.open(encoding="utf-8") as f:
+        if not any(c in line for line in f for c in _SPLITLINES_ONLY):
+            return path
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    with path.open(encoding="utf-8") as src, copy.open("w", encoding="utf-8") as dst:
+        for line in src:  # outside strings these characters are not valid JSON, and scan() has checked every line
+            for c in _SPLITLINES_ONLY:
+                line = line.replace(c, f"\\u{ord(c):04x}")
+            dst.write(line)
+    return copy
 
 
 def resolve_datasets(specs: list[str], work: Path) -> list[DatasetInput]:
@@ -95,8 +118,13 @@ def resolve_datasets(specs: list[str], work: Path) -> list[DatasetInput]:
         raise EvaluateError("no datasets given")
     out: list[DatasetInput] = []
     names: set[str] = set()
+    given: dict[Path, str] = {}
     for spec in specs:
         p = Path(spec).expanduser()
+        if p.exists():
+            if p.resolve() in given:
+                raise EvaluateError(f"dataset {spec}: given twice (also as {given[p.resolve()]})")
+            given[p.resolve()] = spec
         if _is_construct_output(p):
             name = p.resolve().name
         elif p.is_file() and p.suffix in (".jsonl", ".parquet"):
@@ -114,13 +142,20 @@ def resolve_datasets(specs: list[str], work: Path) -> list[DatasetInput]:
             from rms_ray.construct.export import iter_labelled_rows
 
             path = work / "inputs" / f"{name}.parquet"
-            with LabelledWriter(path) as w:
-                w.write_all(iter_labelled_rows(p))
+            try:
+                with LabelledWriter(path) as w:
+                    w.write_all(iter_labelled_rows(p))
+            except (ValueError, OSError) as e:
+                raise EvaluateError(f"dataset {spec}: cannot read it as labelled rows: {e}") from None
+            if w.rows == 0:
+                raise EvaluateError(f"dataset {spec}: this construct output has no accepted samples (no labelled "
+                                    "rows to evaluate)")
         try:
             summary = scan(path)
         except (LabelledFormatError, FileNotFoundError) as e:
             raise EvaluateError(str(e)) from None
-        out.append(DatasetInput(name, path.resolve(), spec, summary, _file_sha256(path)))
+        read = _ray_readable_jsonl(path, work / "inputs" / f"{name}.jsonl") if path.suffix == ".jsonl" else path
+        out.append(DatasetInput(name, read.resolve(), spec, summary, _file_sha256(path), path.resolve().parent))
     return out
 
 
@@ -131,15 +166,23 @@ def _stream_rows(rows: list[dict[str, Any]], dataset: str, base_dir: str) -> pa.
     for r in rows:
         data, ipath, err = load_row_image(r.get("image"), base_dir)
         query = r.get("query")
-        if err is None and (not isinstance(query, str) or not query.strip()):
-            err = "empty query"
         response = r.get("response")
         task = r.get("task") or ("response" if response not in (None, "") else "prompt")
+        if err is None and query is not None and not isinstance(query, str):
+            err = f"query is not text ({type(query).__name__})"
+        elif err is None and (query is None or not query.strip()):
+            err = "empty query"
+        elif err is None and response is not None and not isinstance(response, str):
+            err = f"response is not text ({type(response).__name__})"
+        elif err is None and task == "response" and not (response or "").strip():
+            err = "empty response"  # as the importers: a blank answer is no answer to judge
         extra = {k: v for k, v in r.items() if k not in CORE}
         out.append({
             "id": str(r["id"]), "dataset": dataset, "image_bytes": data if err is None else None, "image_path": ipath,
-            "query": query if isinstance(query, str) else None, "response": response, "label": r["label"],
-            "category": None if r.get("category") is None else str(r["category"]), "source": r.get("source"),
+            "query": query if isinstance(query, str) else None,
+            "response": response if isinstance(response, str) else None, "label": r["label"],
+            "category": None if r.get("category") is None else str(r["category"]),
+            "source": None if r.get("source") is None else str(r["source"]),
             "task": task, "extra": json.dumps(extra, ensure_ascii=False, default=str), "excluded_reason": err,
         })
     return pa.Table.from_pylist(out, schema=STREAM_SCHEMA)
@@ -168,6 +211,7 @@ class JudgeUDF:
         t0 = time.perf_counter()
         self.judge = Judge(self.cfg)
         self.engine_init_s = time.perf_counter() - t0  # reported once, with this actor's first batch
+        self.dtype_json = json.dumps(self.judge.engine.dtype_choice.to_dict())
         self.policy = image_policy(self.cfg)
         self.shard_dir = Path(shard_dir)
 
@@ -201,6 +245,7 @@ class JudgeUDF:
                          "excluded": [bool(r["excluded_reason"]) for r in rows],
                          "parsed": [bool(p.get("parsed")) for p in preds],
                          "engine_init_s": [init if i == 0 else 0.0 for i in range(len(rows))],
+                         "engine_dtype": [self.dtype_json] * len(rows),
                          "t_done": [time.time()] * len(rows)})
 
 
@@ -211,7 +256,7 @@ def build_dataset(inputs: list[DatasetInput], cfg: JudgeConfig, shard_dir: Path)
     res = cfg.resources
     parts = []
     for d in inputs:
-        kwargs = {"dataset": d.name, "base_dir": str(d.path.parent)}
+        kwargs = {"dataset": d.name, "base_dir": str(d.base_dir or d.path.parent)}
         blocks = max(1, min(200, -(-d.summary.rows // res.batch_size)))
         if d.path.suffix == ".parquet":
             ds = ray.data.read_parquet(str(d.path), override_num_blocks=blocks)
@@ -268,11 +313,20 @@ def _write_predictions(shard_dir: Path, out: Path, threshold: float, extras: lis
     fields = [("id", _S), ("dataset", _S), ("task", _S), ("label", _S), ("category", _S), ("pred", _S),
               ("unsafe_score", _F), ("parsed", _B), ("verdict", _S), ("judge_category", _S), ("rationale", _S),
               ("raw", _S), ("latency_ms", _F), ("error", _S), ("source", _S), ("query", _S), ("response", _S)]
-    taken = {f[0] for f in fields}
-    extra_cols = {e: (e if e not in taken else f"extra_{e}") for e in extras}
+    own = {f[0] for f in fields}
+    taken = own | set(extras)
+    extra_cols = {}
+    for e in extras:  # an extra named like a prediction column becomes extra_<name> (extra_2_<name> if taken)
+        col = e
+        if e in own:
+            col, k = f"extra_{e}", 2
+            while col in taken:
+                col, k = f"extra_{k}_{e}", k + 1
+            taken.add(col)
+        extra_cols[e] = col
     schema = pa.schema(fields + [(c, _S) for c in extra_cols.values()])
     schema = schema.with_metadata(hf_schema_metadata(schema))
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.name}.{tmp_suffix()}.tmp")  # never shared with another process
     excluded: list[dict] = []
     n = 0
     with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
@@ -317,6 +371,23 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _threshold_dataset(spec: str, inputs: list[DatasetInput]) -> str:
+    """The name of the dataset ``--threshold-from`` names (its name, or its path in any spelling); refused before
+    any engine starts when that set cannot give an F1 threshold (one label only)."""
+    p = Path(spec).expanduser()
+    match = [d for d in inputs if spec in (d.name, d.origin)
+             or (p.exists() and p.resolve() == Path(d.origin).expanduser().resolve())]
+    if not match:
+        raise EvaluateError(f"--threshold-from {spec}: not one of the datasets ({', '.join(d.name for d in inputs)})")
+    d = match[0]
+    labels = {lbl for by_label in d.summary.counts.values() for lbl, n in by_label.items() if n}
+    if len(labels) < 2:
+        raise EvaluateError(f"--threshold-from {spec}: dataset {d.name} has only {'/'.join(sorted(labels))} rows; "
+                            "choosing an F1 threshold needs both safe and unsafe rows (use a validation set "
+                            "with both labels, or leave --threshold-from out to use evaluate.threshold)")
+    return d.name
+
+
 def run_evaluate(cfg: JudgeConfig, datasets: list[str], output_dir: str | Path, *, threshold_from: str | None = None,
                  ray_address: str | None = None, progress: bool = True,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -331,7 +402,8 @@ def run_evaluate(cfg: JudgeConfig, datasets: list[str], output_dir: str | Path, 
         EvaluateError: bad inputs (before Ray or any engine starts).
         rms_ray.engine.ModelSourceError: the judge is not a model.
     """
-    from rms_ray.common.ray_utils import init_ray
+    from rms_ray.common.ray_utils import init_ray, shutdown_ray
+    from rms_ray.engine.dtype import summarize_choices
     from rms_ray.engine.vllm_engine import check_model_source
     from rms_ray.judge import metrics as M
     from rms_ray.judge.prompt import load_judge_prompt
@@ -343,15 +415,19 @@ def run_evaluate(cfg: JudgeConfig, datasets: list[str], output_dir: str | Path, 
     inputs_ok = [Path(s).expanduser().exists() for s in datasets]
     if not all(inputs_ok):
         raise EvaluateError(f"dataset {datasets[inputs_ok.index(False)]} not found")
+    existed = out_dir.exists()
+    was_empty = existed and out_dir.is_dir() and not any(out_dir.iterdir())
     work = _prepare_output(out_dir)
-    inputs = resolve_datasets(datasets, work)
-    thr_name = None
-    if threshold_from is not None:
-        match = [d for d in inputs if threshold_from in (d.name, d.origin)]
-        if not match:
-            raise EvaluateError(f"--threshold-from {threshold_from}: not one of the datasets "
-                                f"({', '.join(d.name for d in inputs)})")
-        thr_name = match[0].name
+    try:
+        inputs = resolve_datasets(datasets, work)
+        thr_name = None if threshold_from is None else _threshold_dataset(threshold_from, inputs)
+    except EvaluateError:  # refused before any engine started: leave no half-made output behind
+        if not existed:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        elif was_empty:
+            for child in out_dir.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        raise
     total = sum(d.summary.rows for d in inputs)
     for d in inputs:
         log(f"dataset {d.name}: {d.summary.rows} rows {json.dumps(d.summary.counts)}")
@@ -366,11 +442,17 @@ def run_evaluate(cfg: JudgeConfig, datasets: list[str], output_dir: str | Path, 
 
             bar = tqdm(total=total, desc="evaluate", unit="row", dynamic_ncols=True)
         t_gen = time.perf_counter()
+        logger.info("judging started: %d rows of %d dataset(s), %d engine replica(s), batches of %d", total,
+                    len(inputs), cfg.resources.engine_replicas, cfg.resources.batch_size)
         done = {"excluded": 0, "unparseable": 0}
         engine_init_s = 0.0
+        dtypes: list[dict[str, str]] = []  # distinct dtype choices the judge engines reported
         finished: list[tuple[float, int]] = []  # (time a judge batch finished, rows): steady-state rate
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             engine_init_s = max(engine_init_s, max(batch.column("engine_init_s").to_pylist()))
+            for d in set(batch.column("engine_dtype").to_pylist()):
+                if json.loads(d) not in dtypes:
+                    dtypes.append(json.loads(d))
             for t_done, n in Counter(batch.column("t_done").to_pylist()).items():
                 finished.append((t_done, n))
             ex = batch.column("excluded").to_pylist()
@@ -383,11 +465,11 @@ def run_evaluate(cfg: JudgeConfig, datasets: list[str], output_dir: str | Path, 
         if bar is not None:
             bar.close()
         gen_s = time.perf_counter() - t_gen
+        logger.info("judging finished: %d rows in %.1f s (engine start %.1f s; %d excluded, %d unparseable)",
+                    total, gen_s, engine_init_s, done["excluded"], done["unparseable"])
     finally:
         if started:
-            import ray
-
-            ray.shutdown()
+            shutdown_ray()  # also removes this run's scratch folder (Ray's session, engine scratch files)
 
     df = _metric_frame(work / "shards")
     evaluated = df[df["excluded_reason"].isna()]
@@ -424,6 +506,8 @@ def run_evaluate(cfg: JudgeConfig, datasets: list[str], output_dir: str | Path, 
     result = {
         "judge": {"model": cfg.model.source, "kind": judge_kind, "prompt_version": prompt.version_id,
                   "config_hash": cfg.config_hash()},
+        # the dtype the judge engines ran with and why (model.dtype "auto" is resolved per engine machine)
+        "engine": summarize_choices(dtypes, cfg.model.dtype),
         "threshold": {"value": float(threshold), "source": threshold_source},
         "datasets": {d.name: {"path": str(d.path), "given_as": d.origin, "sha256": d.sha256,
                               "counts": d.summary.counts} for d in inputs},
@@ -447,4 +531,5 @@ def run_evaluate(cfg: JudgeConfig, datasets: list[str], output_dir: str | Path, 
                        **{f"rows of {k}": f"{a['rows_in']} in = {a['evaluated']} evaluated + {a['excluded']} excluded"
                           f" ({a['unparseable']} unparseable)" for k, a in accounting.items()}})
     shutil.rmtree(work / "shards", ignore_errors=True)
+    logger.info("finalise done: metrics.json, predictions.parquet (%d rows), report.md -> %s", n_pred, out_dir)
     return result

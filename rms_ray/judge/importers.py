@@ -135,7 +135,8 @@ def import_dataset(fmt: str, src: str | Path, images_dir: str | Path | None, out
         images_dir: the folder image paths are relative to; None = the format's default (next to ``src``).
         output: ``.parquet`` (image bytes embedded) or ``.jsonl`` (image paths relative to the file).
         source: value of the ``source`` column (default: the row's own, else ``fmt``).
-        limit: use only the first N upstream rows (in file order), e.g. for a quick look.
+        limit: use only the first N candidate rows (in file order; a record giving a prompt and a response row
+            counts twice), e.g. for a quick look.
         responses: False leaves out ``task == "response"`` rows (for sets that ship reference responses).
 
     Returns:
@@ -156,6 +157,11 @@ def import_dataset(fmt: str, src: str | Path, images_dir: str | Path | None, out
         raise LabelledFormatError(f"{output}: output must end in {' or '.join(SUFFIXES)}")
     if not src.exists():
         raise FileNotFoundError(f"{fmt} source {src} not found (expected {importer.src})")
+    if output.is_dir():
+        raise LabelledFormatError(f"{output}: output is a folder; give a file name ending in .jsonl or .parquet")
+    for target in (output, excluded_path(output)):
+        if target.exists() and src.exists() and target.resolve() == src.resolve():
+            raise LabelledFormatError(f"{target}: would overwrite the source {src}; write the output elsewhere")
     images = Path(images_dir) if images_dir is not None else importer.images(src)
     if not images.is_dir():
         raise FileNotFoundError(f"images folder {images} not found (pass --images)")
@@ -167,14 +173,20 @@ def import_dataset(fmt: str, src: str | Path, images_dir: str | Path | None, out
     # Every written row gets every extra column (null where absent): the Parquet schema is fixed by the first
     # row group, so a column first seen later would otherwise be lost.
     extras = list(dict.fromkeys(k for it in items if it.reason is None for k in it.row if k not in CORE))
+    # ... and its type from every row, not only the first group's: a column whose values share no Arrow type
+    # (a number in some rows, text in others) is kept as text, its non-string values JSON-encoded.
+    extra_types, as_text = _extra_types(items, extras)
     report = ImportReport(fmt, source or fmt, str(src), str(output), str(excluded_path(output)), rows_in=len(items))
     excluded: list[dict[str, Any]] = []
     written_ids: set[str] = set()
-    with LabelledWriter(output, image_base=images) as writer:
+    with LabelledWriter(output, image_base=images, extra_types=extra_types) as writer:
         for it in items:
             # core columns first, then the row's own, then extras it lacks (key order = JSONL field order)
             row = {**{k: it.row[k] for k in CORE if k in it.row}, **it.row,
                    **{k: None for k in extras if k not in it.row}}
+            for k in as_text:
+                if row[k] is not None and not isinstance(row[k], str):
+                    row[k] = json.dumps(row[k], ensure_ascii=False, default=str)
             row["source"] = source or row.get("source") or fmt
             reason = it.reason or _row_problem(row, written_ids)
             if reason is None:
@@ -194,6 +206,26 @@ def import_dataset(fmt: str, src: str | Path, images_dir: str | Path | None, out
     return report
 
 
+def _extra_types(items: list[Item], extras: list[str]) -> tuple[dict[str, Any], set[str]]:
+    """Arrow type of each extra column over all usable rows (null-only -> string), and the columns to keep as
+    text because their values share no type (e.g. ``1`` in one row, ``"n/a"`` in another)."""
+    import pyarrow as pa
+
+    types: dict[str, Any] = {}
+    as_text: set[str] = set()
+    for k in extras:
+        values = [it.row.get(k) for it in items if it.reason is None]
+        try:
+            t = pa.array(values).type
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            t = None
+        if t is None or (pa.types.is_struct(t) and t.num_fields == 0):
+            as_text.add(k)  # pyarrow refuses mixed types; Parquet cannot store a struct without fields ({})
+            t = pa.string()
+        types[k] = pa.string() if pa.types.is_null(t) else t
+    return types, as_text
+
+
 # --- readers ---------------------------------------------------------------------------------------------------
 
 
@@ -207,9 +239,17 @@ def _find(src: Path, *names: str) -> Path:
     raise FileNotFoundError(f"{src} has none of {', '.join(names)}")
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                         "save it as UTF-8") from None
+
+
 def _load_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
@@ -218,7 +258,8 @@ def _load_records(path: Path) -> list[dict[str, Any]]:
     """A JSON list of objects (``.json``) or one object per line (``.jsonl``)."""
     if path.suffix == ".jsonl":
         out = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        # split at "\n" only: str.splitlines() also breaks at U+2028/U+2029/NEL, which JSON allows raw in strings
+        for n, line in enumerate(_read_text(path).split("\n"), 1):
             if line.strip():
                 try:
                     out.append(json.loads(line))
@@ -273,7 +314,7 @@ def _read_mmsafeaware_prompts(path: Path, images: Path) -> Iterator[Item]:
             by_number.setdefault(int(p.stem), []).append(p)
     if not by_number:
         raise FileNotFoundError(f"no numbered image files (N.jpeg, ...) under {images} (pass --images)")
-    parts = re.split(r"(?m)^(\d+)[ \t]*$", path.read_text(encoding="utf-8"))
+    parts = re.split(r"(?m)^(\d+)[ \t]*$", _read_text(path))
     for number, body in zip(parts[1::2], parts[2::2]):
         n, full_prompt = int(number), body.strip()
         lines = full_prompt.split("\n", 1)
@@ -468,8 +509,8 @@ def read_mssbench(src: Path, images: Path) -> Iterator[Item]:
     ``pair_id`` ties the two halves of a situation; ``intent`` is the chat intent / embodied task.
     """
     data = _load_json(_find(src, "combined.json", "combine.json"))
-    if not isinstance(data, dict):
-        raise ValueError(f"{src}: expected a JSON object with 'chat' and 'embodied' lists")
+    if not isinstance(data, dict) or not ({"chat", "embodied"} & set(data)):
+        raise ValueError(f"{src}: expected a JSON object with 'chat' and/or 'embodied' lists")
     for i, rec in enumerate(data.get("chat") or []):
         for j, query in enumerate(rec.get("queries") or [None]):
             for side in LABELS:

@@ -22,6 +22,7 @@ Sources:
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -517,6 +518,8 @@ def evaluate_predictions(df: Any, threshold: float = 0.5, n_boot: int = 1000, se
             part = sub[sub["task"] == task]
             if len(part):
                 res[task] = _section(part, threshold, n_boot, seed, min_category_rows)
-        res[ALL_TASKS] = _section(sub, threshold, n_boot, seed, min_category_rows)
+        # one task only: the pooled section is that task's (same rows, same seed); do not bootstrap it twice
+        res[ALL_TASKS] = (copy.deepcopy(next(iter(res.values()))) if len(res) == 1
+                          else _section(sub, threshold, n_boot, seed, min_category_rows))
         out[ds] = res
     return out

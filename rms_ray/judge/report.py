@@ -306,8 +306,6 @@ def write_report(metrics: dict[str, Any], df: Any, out_dir: str | Path,
 
     if not metrics:
         lines += ["No predictions to evaluate.", ""]
-    if not metrics:
-        lines += ["No predictions to evaluate.", ""]
     for ds, res in metrics.items():
         lines += [f"## Dataset `{ds}`", "", "### Overall", ""]
         lines += _table("task", [(_task_name(t), res[t]["overall"]) for t in _sections(res)])

@@ -55,10 +55,8 @@ class JudgeOutput:
 
 
 def image_policy(cfg: JudgeConfig) -> ImagePolicy:
-    """The decode/resize policy of a judge config (the same decoder construction uses)."""
-    im = cfg.images
-    return ImagePolicy(max_side=im.max_side, max_pixels=im.max_pixels, min_side=im.min_side, animated=im.animated,
-                       encode_format="PNG", jpeg_quality=im.jpeg_quality)
+    """The decode/resize policy of a judge config (the same decoder construction uses; PNG: no re-encoding loss)."""
+    return cfg.images.policy(encode_format="PNG")
 
 
 def prepare_image(data: bytes, path: str, policy: ImagePolicy) -> tuple[Image.Image | None, str | None]:

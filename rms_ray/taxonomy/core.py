@@ -342,12 +342,19 @@ def load_default_embedder(model: str | None = None, *, device: str | None = None
         local_only = Path(source).expanduser().exists()
         if local_only:
             source = str(Path(source).expanduser())
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar for a 90 MB local model is noise after a run
     try:
         st = SentenceTransformer(source, device=device, local_files_only=local_only)
     except Exception as exc:
         hint = ("" if local_only else
                 " (a hub id needs network access or a cached copy; HF_HUB_OFFLINE=1 allows only the cache)")
         raise EmbedderUnavailableError(f"cannot load sentence-transformers model {source!r}{hint}: {exc}") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return SentenceTransformerEmbedder(st, name=name, batch_size=batch_size)
 
 
@@ -937,6 +944,10 @@ def plot_category_distribution(taxonomy: Taxonomy, path: str | Path,
         for yi, v in zip(y, values):
             ax.text(v + top * 0.01, yi, str(v), va="center", fontsize=7)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
+    with warnings.catch_warnings():
+        # category names are model-written and may use scripts the bundled font lacks (drawn as boxes): the
+        # per-glyph warnings say nothing a user can act on
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
+        fig.tight_layout()
+        fig.savefig(path, format="png")
     return path
