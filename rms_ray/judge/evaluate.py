@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rms_ray.common.io import hf_schema_metadata, tmp_suffix, write_json_atomic, write_parquet_atomic, write_text_atomic
+from rms_ray.common.io import atomic_write, hf_schema_metadata, write_json_atomic, write_parquet_atomic, write_text_atomic
 from rms_ray.data.labelled import CORE, LabelledSummary, LabelledWriter, load_row_image, scan
 from rms_ray.judge.config import JudgeConfig
 
@@ -326,27 +326,30 @@ def _write_predictions(shard_dir: Path, out: Path, threshold: float, extras: lis
         extra_cols[e] = col
     schema = pa.schema(fields + [(c, _S) for c in extra_cols.values()])
     schema = schema.with_metadata(hf_schema_metadata(schema))
-    tmp = out.with_name(f".{out.name}.{tmp_suffix()}.tmp")  # never shared with another process
     excluded: list[dict] = []
     n = 0
-    with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for f in sorted(shard_dir.glob("*.parquet")):
-            rows = []
-            for r in pq.read_table(f).to_pylist():
-                if r["excluded_reason"]:
-                    excluded.append({"id": r["id"], "dataset": r["dataset"], "reason": r["excluded_reason"]})
-                    continue
-                extra = json.loads(r["extra"] or "{}")
-                row = {k: r.get(k) for k, _ in fields}
-                row["pred"] = _pred(r["unsafe_score"], r["parsed"], threshold)
-                for src, col in extra_cols.items():
-                    v = extra.get(src)
-                    row[col] = v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False)
-                rows.append(row)
-            if rows:
-                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
-                n += len(rows)
-    tmp.replace(out)
+
+    def write(tmp: Path) -> None:  # streamed shard by shard into the atomic writer's temp file
+        nonlocal n
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for f in sorted(shard_dir.glob("*.parquet")):
+                rows = []
+                for r in pq.read_table(f).to_pylist():
+                    if r["excluded_reason"]:
+                        excluded.append({"id": r["id"], "dataset": r["dataset"], "reason": r["excluded_reason"]})
+                        continue
+                    extra = json.loads(r["extra"] or "{}")
+                    row = {k: r.get(k) for k, _ in fields}
+                    row["pred"] = _pred(r["unsafe_score"], r["parsed"], threshold)
+                    for src, col in extra_cols.items():
+                        v = extra.get(src)
+                        row[col] = v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+                    rows.append(row)
+                if rows:
+                    writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                    n += len(rows)
+
+    atomic_write(out, write)
     return n, excluded
 
 
