@@ -36,20 +36,14 @@ import hashlib
 import io
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from PIL import Image
 
 from rms_ray.common.config import ConstructConfig
-from rms_ray.engine.vllm_engine import GenRequest, GenResult
+from rms_ray.engine.vllm_engine import Engine, GenRequest
 from rms_ray.construct.prompts import feedback_block, load_prompt, prompt_versions
 from rms_ray.construct.schemas import parse_output, stage_schemas
-
-
-class Engine(Protocol):
-    """What the constructor needs from an engine (:class:`rms_ray.engine.vllm_engine.VLMEngine` in production)."""
-
-    def generate(self, requests: list[GenRequest]) -> list[GenResult]: ...
 
 
 @dataclass

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 from PIL import Image
 
@@ -145,6 +145,12 @@ class GenResult:
     num_tokens: int
     finish_reason: str | None
     first_logprobs: dict[str, float] | None = None
+
+
+class Engine(Protocol):
+    """What callers (the constructor, the judge) need from an engine: :class:`VLMEngine` in production."""
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]: ...
 
 
 def apply_engine_env(model_cfg: ModelConfig, num_gpus: float) -> None:

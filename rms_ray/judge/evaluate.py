@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rms_ray.common.io import atomic_write, hf_schema_metadata, write_json_atomic, write_parquet_atomic, write_text_atomic
-from rms_ray.data.labelled import CORE, LabelledSummary, LabelledWriter, load_row_image, scan
+from rms_ray.data.labelled import CORE, LabelledSummary, LabelledWriter, default_task, load_row_image, scan
 from rms_ray.judge.config import JudgeConfig
 
 logger = logging.getLogger(__name__)  # one line per stage milestone
@@ -167,7 +167,7 @@ def _stream_rows(rows: list[dict[str, Any]], dataset: str, base_dir: str) -> pa.
         data, ipath, err = load_row_image(r.get("image"), base_dir)
         query = r.get("query")
         response = r.get("response")
-        task = r.get("task") or ("response" if response not in (None, "") else "prompt")
+        task = default_task(r)
         if err is None and query is not None and not isinstance(query, str):
             err = f"query is not text ({type(query).__name__})"
         elif err is None and (query is None or not query.strip()):

@@ -26,7 +26,6 @@ import string
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any
 
 import yaml
 
@@ -144,9 +143,3 @@ def unsafe_score(first_logprobs: dict[str, float] | None) -> float | None:
     if total <= 0.0:
         return None
     return mass["unsafe"] / total
-
-
-def judge_request_fields(task: str, query: str, response: str | None) -> dict[str, Any]:
-    """System and user text of one item (convenience for the engine request builders)."""
-    system, user = load_judge_prompt().render(task, query, response)
-    return {"system": system, "user": user}

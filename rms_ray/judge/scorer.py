@@ -10,18 +10,14 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from PIL import Image
 
 from rms_ray.data.images import ImagePolicy, NormalizedImage, normalize_image
-from rms_ray.engine.vllm_engine import GenRequest, GenResult
+from rms_ray.engine.vllm_engine import Engine, GenRequest, GenResult
 from rms_ray.judge.config import JudgeConfig
 from rms_ray.judge.prompt import load_judge_prompt, output_regex, parse_verdict, unsafe_score
-
-
-class Engine(Protocol):
-    def generate(self, requests: list[GenRequest]) -> list[GenResult]: ...
 
 
 @dataclass(frozen=True)
