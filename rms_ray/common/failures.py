@@ -17,6 +17,7 @@ Data and vLLM (330-410 lines for an engine that cannot start). :func:`describe_f
 from __future__ import annotations
 
 import datetime
+import errno
 import logging
 import os
 import re
@@ -121,6 +122,26 @@ def _last_error_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
+# The line a Python OSError ends a (remote) traceback with: "OSError: [Errno 28] No space left on device: '/x'".
+_OS_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*Error): \[Errno (\d+)\] ([^\n]*)$", re.MULTILINE)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _remote_os_error(text: str) -> str | None:
+    """A worker that could not write (disk full, quota, read-only, permissions), named by its OSError, or None.
+
+    Ray wraps a worker's exception in its own (``UserCodeException: UDF failed to process a data block``); the
+    cause is the last ``XxxError: [Errno N] ...`` line of the remote traceback."""
+    found = _OS_ERROR_LINE.findall(_ANSI.sub("", text))
+    if not found:
+        return None
+    kind, num, rest = found[-1]
+    hint = ""
+    if int(num) in _DISK_FULL:
+        hint = ": free space (or raise the quota) and rerun the same command; it resumes from what was committed"
+    return f"a worker could not write: {kind}: [Errno {num}] {rest.strip()}{hint}"
+
+
 def describe_failure(exc: BaseException, *, output: str | Path | None = None, resources: Any = None,
                      watch: EngineWatch | None = None) -> str:
     """One line naming why a run failed (see the module docstring).
@@ -165,6 +186,9 @@ def describe_failure(exc: BaseException, *, output: str | Path | None = None, re
         return _clip(f"an engine actor died while processing a batch and its retries are used up{bounds}: "
                      f"{reason}.{oom}")
     if _is_ray_error(exc):
+        os_error = _remote_os_error(text)
+        if os_error is not None:
+            return _clip(os_error)
         return _clip(f"a worker failed: {_last_error_line(text)}")
     return _clip(f"{name}: {text.strip().splitlines()[0] if text.strip() else ''}")
 
@@ -233,6 +257,10 @@ class RunLog:
                 return work / "logs"
             except OSError:
                 pass
+        return self._temp_log_dir()
+
+    @staticmethod
+    def _temp_log_dir() -> Path:
         d = Path(tempfile.gettempdir()) / "rms_ray-logs"
         d.mkdir(parents=True, exist_ok=True)
         return d
@@ -241,14 +269,22 @@ class RunLog:
         """Write the log file of a failed run; return the one-line cause with the log's path."""
         line = describe_failure(exc, output=self.output, resources=self.resources, watch=self.watch)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        try:
-            path = self.log_dir() / f"{self.command}-{stamp}-{os.getpid()}.log"
-            body = [f"rms-ray {self.command} failed: {line}", "", "-- rms_ray log --", *self._keep.lines]
-            if self.watch.last:
-                body += ["", f"-- Ray Data: engine actors that died while starting: {self.watch.last}"]
-            body += ["", "-- traceback (remote tracebacks are inside the exception's text) --",
-                     _ANSI.sub("", "".join(traceback.format_exception(exc)))]
-            path.write_text("\n".join(body), encoding="utf-8")
-        except OSError as e:  # nowhere to write: the line itself must still come out
-            return f"{line} (no log file: {e})"
-        return f"{line} (full log: {path})"
+        body = [f"rms-ray {self.command} failed: {line}", "", "-- rms_ray log --", *self._keep.lines]
+        if self.watch.last:
+            body += ["", f"-- Ray Data: engine actors that died while starting: {self.watch.last}"]
+        body += ["", "-- traceback (remote tracebacks are inside the exception's text) --",
+                 _ANSI.sub("", "".join(traceback.format_exception(exc)))]
+        text = "\n".join(body)
+        error: OSError | None = None
+        # The output folder first; when it cannot hold the log (full disk, read-only), the temp folder.
+        for folder in (self.log_dir, self._temp_log_dir):
+            path = None
+            try:
+                path = folder() / f"{self.command}-{stamp}-{os.getpid()}.log"
+                path.write_text(text, encoding="utf-8")
+                return f"{line} (full log: {path})"
+            except OSError as e:
+                error = e
+                if path is not None:
+                    path.unlink(missing_ok=True)  # no half-written log left beside the data
+        return f"{line} (no log file: {error})"  # nowhere to write: the line itself must still come out
