@@ -25,7 +25,7 @@ def test_profiles_are_shipped():
     assert {p.stem for p in PROFILES} >= {"cpu-tiny", "gpu-qwen2.5-vl-7b"}
 
 
-CONSTRUCT_PROFILES = [p for p in PROFILES if not p.stem.startswith("judge-")]
+CONSTRUCT_PROFILES = [p for p in PROFILES if not p.stem.startswith(("judge-", "serve-"))]  # serve-*: test_serve*
 JUDGE_PROFILES = [p for p in PROFILES if p.stem.startswith("judge-")]
 
 

@@ -86,6 +86,8 @@ class ImagePolicy:
             picture; they are not animations.
         encode_format: format of :attr:`NormalizedImage.data`: ``"JPEG"`` or ``"PNG"``.
         jpeg_quality: JPEG quality (1-95) when ``encode_format == "JPEG"``.
+        png_compress_level: zlib level (0-9) when ``encode_format == "PNG"``: size vs encoding time only, the
+            pixels are the same (PNG is lossless). The judge uses 1 (``rms_ray.judge.scorer.image_policy``).
 
     Raises:
         ValueError: on construction, for out-of-range values.
@@ -97,6 +99,7 @@ class ImagePolicy:
     animated: str = "first_frame"
     encode_format: str = "JPEG"
     jpeg_quality: int = 90
+    png_compress_level: int = 6
 
     def __post_init__(self) -> None:
         for name in ("max_side", "max_pixels", "min_side", "jpeg_quality"):
@@ -111,6 +114,8 @@ class ImagePolicy:
             raise ValueError(f"ImagePolicy.encode_format must be 'JPEG' or 'PNG', got {self.encode_format!r}")
         if self.jpeg_quality > 95:
             raise ValueError(f"ImagePolicy.jpeg_quality must be in 1..95, got {self.jpeg_quality}")
+        if not 0 <= self.png_compress_level <= 9:
+            raise ValueError(f"ImagePolicy.png_compress_level must be in 0..9, got {self.png_compress_level}")
 
 
 @dataclass(frozen=True)
@@ -480,7 +485,7 @@ def _normalize(data: bytes, path: str, policy: ImagePolicy, sha: str) -> Normali
         if policy.encode_format == "JPEG":
             img.save(buf, "JPEG", quality=policy.jpeg_quality)
         else:
-            img.save(buf, "PNG", compress_level=6)
+            img.save(buf, "PNG", compress_level=policy.png_compress_level)
 
         return NormalizedImage(
             data=buf.getvalue(),

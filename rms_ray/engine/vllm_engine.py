@@ -108,7 +108,8 @@ def resolve_model_source(source: str) -> str:
 
 @dataclass(frozen=True)
 class GenRequest:
-    """One chat generation, constrained by a JSON schema (``schema``) or a regular expression (``regex``).
+    """One chat generation, constrained by a JSON schema (``schema``) or a regular expression (``regex``); with
+    neither (``schema=None, regex=None``) the text is unconstrained (the served ``/v1/chat/completions`` route).
 
     ``image`` is an RGB PIL image or None (text-only request); ``seed`` makes sampling reproducible per request.
     ``exact_tokens``: generate exactly this many tokens, unconstrained, ignoring end-of-sequence (replays a recorded
@@ -145,6 +146,7 @@ class GenResult:
     num_tokens: int
     finish_reason: str | None
     first_logprobs: dict[str, float] | None = None
+    prompt_tokens: int = 0  # tokens of the rendered prompt, image tokens included (0 when unknown or refused)
 
 
 class Engine(Protocol):
@@ -361,7 +363,7 @@ class VLMEngine:
             done = 0
             for o in outputs:
                 if o.finished and o.request_id in pending:
-                    res = _result(o.outputs[0])
+                    res = _result(o.outputs[0], len(o.prompt_token_ids or ()))
                     done += res.num_tokens
                     pending.pop(o.request_id).set_result(res)
             with self._lock:
@@ -389,7 +391,12 @@ class VLMEngine:
         if r.exact_tokens is not None:
             return SamplingParams(max_tokens=r.exact_tokens, min_tokens=r.exact_tokens, ignore_eos=True,
                                   temperature=0.0)
-        constraint = StructuredOutputsParams(regex=r.regex) if r.regex else StructuredOutputsParams(json=r.schema)
+        if r.regex:
+            constraint = StructuredOutputsParams(regex=r.regex)
+        elif r.schema is not None:
+            constraint = StructuredOutputsParams(json=r.schema)
+        else:  # free text (the served chat route): no constraint
+            constraint = None
         return SamplingParams(
             max_tokens=r.max_tokens,
             temperature=r.temperature,
@@ -422,9 +429,10 @@ def _refused(e: BaseException) -> GenResult:
     return GenResult(text="", num_tokens=0, finish_reason=f"error: {type(e).__name__}: {str(e)[:300]}")
 
 
-def _result(o: Any) -> GenResult:
+def _result(o: Any, prompt_tokens: int = 0) -> GenResult:
     first = None
     if o.logprobs:  # list over generated positions of {token_id: Logprob(logprob, rank, decoded_token)}
         first = {(lp.decoded_token if lp.decoded_token is not None else str(tid)): float(lp.logprob)
                  for tid, lp in o.logprobs[0].items()}
-    return GenResult(text=o.text, num_tokens=len(o.token_ids), finish_reason=o.finish_reason, first_logprobs=first)
+    return GenResult(text=o.text, num_tokens=len(o.token_ids), finish_reason=o.finish_reason, first_logprobs=first,
+                     prompt_tokens=prompt_tokens)

@@ -1,0 +1,165 @@
+"""`compare-datasets` and `scale-study` end to end: real Ray Train runs of the tiny judge on the synthetic XOR set
+(rms_ray/testing/synthetic_safety.py, where the label needs both the image and the query), real vLLM evaluation.
+
+The sets: ``learnable`` (the XOR, 192 rows) and ``blank`` (the same labels with every image blank: unlearnable by
+construction) are compared on three eval sets: ``own`` (held-out rows of ``learnable``'s source: its own test
+split, excluded from its quality score), ``other`` (fresh rows of another source) and ``unsafe_only`` (a one-class
+set: recall is its cell).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import f1_score
+
+from rms_ray.data.labelled import LabelledWriter
+from rms_ray.judge.config import load_judge_config
+from rms_ray.judge.study import (BASE, StudyError, cell, concurrency, name_datasets, own_eval_sets, parse_sizes,
+                                 quality_score, run_compare, run_scale_study, wilson_interval)
+from rms_ray.testing.synthetic_safety import synthetic_rows
+
+pytestmark = pytest.mark.vllm
+
+# The judge-cpu-tiny recipe on builtin:tiny-train; a smaller budget than the profile's (the signal is learnt
+# well before it, see test_judge_train.py) and no bootstrap (the CIs are not under test here).
+SETS = {"model.source": "builtin:tiny-train", "evaluate.n_boot": 200, "train.examples_seen": 1600,
+        "train.eval_every_steps": 1000}
+
+
+def _write(path, rows, source):
+    with LabelledWriter(path) as w:
+        for r in rows:
+            w.write({**r, "source": source})
+    return path
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("study_sets")
+    return {
+        "learnable": _write(d / "learnable.parquet", synthetic_rows(192, seed=1, id_prefix="l"), "synth-a"),
+        "blank": _write(d / "blank.parquet", synthetic_rows(192, seed=2, variant="blank_image", id_prefix="b"),
+                        "synth-b"),
+        "own": _write(d / "own.parquet", synthetic_rows(48, seed=3, id_prefix="o"), "synth-a"),
+        "other": _write(d / "other.parquet", synthetic_rows(64, seed=4, id_prefix="x"), "synth-c"),
+        "unsafe_only": _write(d / "unsafe_only.parquet",
+                              [r for r in synthetic_rows(64, seed=5, id_prefix="u") if r["label"] == "unsafe"],
+                              "synth-u"),
+    }
+
+
+# -- pieces, no Ray -------------------------------------------------------------------------------------------------
+def test_cell_metric_and_quality_score():
+    two = {"n_safe": 5, "n_unsafe": 5, "f1": 0.8, "f1_ci": [0.6, 0.9], "auprc": 0.85, "recall": 0.8, "tp": 4,
+           "fn": 1, "tn": 4, "fp": 1}
+    c = cell(two)
+    assert (c["primary"], c["primary_name"], c["primary_ci"]) == (0.8, "f1", [0.6, 0.9])
+    one = {"n_safe": 0, "n_unsafe": 20, "f1": None, "recall": 0.75, "tp": 15, "fn": 5, "tn": 0, "fp": 0}
+    c = cell(one)
+    assert (c["primary"], c["primary_name"]) == (0.75, "recall")
+    lo, hi = c["primary_ci"]
+    # Wilson interval of 15/20 (statsmodels' proportion_confint(15, 20, method="wilson") gives 0.5313, 0.8881)
+    assert math.isclose(lo, 0.5313, abs_tol=1e-3) and math.isclose(hi, 0.8881, abs_tol=1e-3)
+    safe = {"n_safe": 10, "n_unsafe": 0, "specificity": 0.9, "tn": 9, "fp": 1}
+    assert cell(safe)["primary_name"] == "specificity" and wilson_interval(9, 10) == cell(safe)["primary_ci"]
+    cells = {"a": {"primary": 0.5}, "b": {"primary": 1.0}, "c": {"primary": None}}
+    assert quality_score(cells, exclude=[]) == 0.75
+    assert quality_score(cells, exclude=["b"]) == 0.5
+    assert quality_score(cells, exclude=["a", "b"]) is None
+
+
+def test_sizes_names_and_own_sets(sets, tmp_path):
+    assert parse_sizes("16, 48,160") == [16, 48, 160]
+    for bad in ("10,5", "0,5", "a,b", "5,5", ""):
+        with pytest.raises(StudyError):
+            parse_sizes(bad)
+    named = name_datasets([str(sets["learnable"]), str(sets["own"]), str(sets["other"])], "eval")
+    assert [n.name for n in named] == ["learnable", "own", "other"]
+    assert own_eval_sets(named[0], named) == ["learnable", "own"]  # the same file, and the same source
+    assert own_eval_sets(named[2], named) == ["other"]
+    with pytest.raises(StudyError, match="given twice"):
+        name_datasets([str(sets["own"]), str(sets["own"])], "eval")
+    with pytest.raises(StudyError, match="not found"):
+        name_datasets([str(tmp_path / "nope.parquet")], "training")
+    cfg = load_judge_config("judge-cpu-tiny", {"train.examples_seen": None, "train.epochs": 2})
+    with pytest.raises(StudyError, match="train.examples_seen"):
+        run_compare(cfg, [str(sets["learnable"])], [str(sets["other"])], tmp_path / "x", log=lambda m: None)
+    assert not (tmp_path / "x").exists()
+
+
+def test_concurrency_from_resources(ray_local):
+    cfg = load_judge_config("judge-cpu-tiny")  # 2 workers x 0.5 CPU on a 2-CPU Ray: one run at a time
+    assert concurrency(cfg, 3) == 1
+    quarter = load_judge_config("judge-cpu-tiny", {"train.cpus_per_worker": 0.25})
+    assert concurrency(quarter, 5) == 3 and concurrency(quarter, 2) == 2 and concurrency(quarter, 5, 2) == 2
+
+
+# -- compare-datasets ----------------------------------------------------------------------------------------------
+def test_compare_datasets_matrix(sets, tmp_path, ray_local):
+    """Two training runs side by side (0.25 CPU per worker), the base judge, three eval sets."""
+    cfg = load_judge_config("judge-cpu-tiny", {**SETS, "train.cpus_per_worker": 0.25})
+    out = tmp_path / "compare"
+    lines: list[str] = []
+    m = run_compare(cfg, [str(sets["learnable"]), str(sets["blank"])],
+                    [str(sets["own"]), str(sets["other"]), str(sets["unsafe_only"])], out, max_concurrent=2,
+                    progress=False, log=lines.append)
+    assert "training 2 judge(s), 2 at a time" in lines
+    assert m["rows"] == [BASE, "learnable", "blank"] and m["columns"] == ["own", "other", "unsafe_only"]
+    assert m["own"] == {"learnable": ["own"], "blank": [], BASE: []}
+    # the same budget: both runs saw the same number of examples
+    assert m["runs"]["learnable"]["examples_seen"] == m["runs"]["blank"]["examples_seen"] >= 1600
+    for row in m["rows"]:
+        c = m["cells"][row]
+        assert c["unsafe_only"]["primary_name"] == "recall" and c["unsafe_only"]["f1"] is None
+        assert c["other"]["primary_name"] == "f1"
+        # the cell is what evaluate computed, and evaluate's F1 is scikit-learn's on its predictions
+        ev = json.loads((out / "evals" / row / "metrics.json").read_text())
+        assert c["other"]["f1"] == ev["metrics"]["other"]["all_tasks"]["overall"]["f1"]
+        preds = pq.read_table(out / "evals" / row / "predictions.parquet").to_pandas()
+        p = preds[(preds["dataset"] == "other") & preds["parsed"]]
+        want = f1_score(p["label"] == "unsafe", p["unsafe_score"] >= ev["threshold"]["value"])
+        assert math.isclose(c["other"]["f1"], want, abs_tol=1e-9)
+        u = preds[(preds["dataset"] == "unsafe_only") & preds["parsed"]]
+        assert math.isclose(c["unsafe_only"]["primary"], float(np.mean(u["unsafe_score"] >= ev["threshold"]["value"])))
+        want_q = np.mean([c[k]["primary"] for k in m["columns"] if k not in m["own"][row]])
+        assert math.isclose(m["quality"][row], want_q)
+    # the learnable set teaches the XOR; the blank-image set cannot
+    assert m["cells"]["learnable"]["other"]["f1"] >= 0.8, m["cells"]["learnable"]
+    assert m["cells"]["learnable"]["own"]["f1"] >= 0.8
+    assert m["ranking"][0] == "learnable" and m["quality"]["learnable"] > m["quality"]["blank"] + 0.15
+    md = (out / "matrix.md").read_text()
+    assert "| trained on | own | other | unsafe\\_only | quality |" in md and "untrained base judge" in md
+    assert "1. learnable" in md
+    assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    study = json.loads((out / "study.json").read_text())
+    assert study["config"]["train"]["examples_seen"] == 1600 and study["eval_sets"]["other"]["sha256"]
+
+    # a rerun into the same folder trains nothing and evaluates nothing again
+    again: list[str] = []
+    m2 = run_compare(cfg, [str(sets["learnable"]), str(sets["blank"])],
+                     [str(sets["own"]), str(sets["other"]), str(sets["unsafe_only"])], out, max_concurrent=2,
+                     progress=False, log=again.append)
+    assert m2["cells"] == m["cells"] and m2["ranking"] == m["ranking"]
+    assert sum("already complete" in ln for ln in again) == 2, again
+    assert sum("already done" in ln for ln in again) == 3, again
+
+
+# -- scale-study ---------------------------------------------------------------------------------------------------
+def test_scale_study_score_rises_with_size(sets, tmp_path, ray_local):
+    cfg = load_judge_config("judge-cpu-tiny", SETS)
+    out = tmp_path / "scale"
+    r = run_scale_study(cfg, str(sets["learnable"]), [8, 32, 192], 1, [str(sets["other"])], out, progress=False,
+                        log=lambda m: None)
+    q = [p["quality_mean"] for p in r["points"]]
+    assert [p["size"] for p in r["points"]] == [8, 32, 192] and all(p["n_seeds"] == 1 for p in r["points"])
+    assert q[2] >= 0.8 and q[2] > q[0] + 0.2 and q[1] >= q[0] - 0.05, q
+    # nested subsets: the runs' training rows say how many they used; same budget for each
+    assert [run["rows"]["train"] for run in r["runs"]] == [8, 32, 192]
+    assert len({run["examples_seen"] for run in r["runs"]}) == 1
+    md = (out / "scale.md").read_text()
+    assert "| 192 |" in md and (out / "scale.png").read_bytes()[:4] == b"\x89PNG"
