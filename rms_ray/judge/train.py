@@ -173,37 +173,41 @@ def _prepare_output(out: Path, identity: dict[str, Any], run_name: str) -> bool:
 
 
 # -- data ------------------------------------------------------------------------------------------------------------
-def _read(inputs: list[Any], cfg: JudgeConfig, split: str, order_seed: int):
-    """One Ray dataset of :data:`~rms_ray.judge.train_data.TRAIN_SCHEMA` rows over ``inputs``, materialised."""
+def _read(inputs: list[tuple[str, Any]], cfg: JudgeConfig, order_seed: int, max_actors: int):
+    """One Ray dataset of :data:`~rms_ray.judge.train_data.TRAIN_SCHEMA` rows over ``inputs`` (``(split, input)``
+    pairs: the training files and the validation file), materialised: read tasks load the rows and image bytes
+    (evaluate's readers), then an actor pool (1 to ``max_actors`` actors, the processor loaded once each) decodes
+    and normalises the images and renders each example once to count its tokens."""
     import ray
 
-    from rms_ray.judge.train_data import jsonl_rows, parquet_rows
+    from rms_ray.judge.train_data import PrepareRows, stream_rows
 
     parts = []
-    for i, d in enumerate(inputs):
-        kwargs = {"dataset": d.name, "base_dir": str(d.base_dir or d.path.parent), "cfg_json": cfg.model_dump_json(),
-                  "split": split, "dataset_index": i, "order_seed": order_seed}
-        # few large blocks: every prep task loads the processor once (a few seconds of imports)
+    for i, (split, d) in enumerate(inputs):
+        fmt = "parquet" if d.path.suffix == ".parquet" else "jsonl"
+        kwargs = {"fmt": fmt, "dataset": d.name, "base_dir": str(d.base_dir or d.path.parent), "split": split,
+                  "dataset_index": i}
         blocks = max(1, min(200, math.ceil(d.summary.rows / 512)))
-        if d.path.suffix == ".parquet":
-            ds = ray.data.read_parquet(str(d.path), override_num_blocks=blocks)
-            fn = parquet_rows
-        else:
-            ds = ray.data.read_text(str(d.path), override_num_blocks=blocks)
-            fn = jsonl_rows
-        parts.append(ds.map_batches(fn, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=512,
-                                    num_cpus=cfg.resources.decode_num_cpus))
+        read = ray.data.read_parquet if fmt == "parquet" else ray.data.read_text
+        parts.append(read(str(d.path), override_num_blocks=blocks).map_batches(
+            stream_rows, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=512,
+            num_cpus=cfg.resources.decode_num_cpus))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    return ds.materialize()
+    return ds.map_batches(PrepareRows, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(),
+                                                              "order_seed": order_seed},
+                          concurrency=(1, max(1, max_actors)), batch_format="pyarrow", batch_size=256,
+                          num_cpus=cfg.resources.decode_num_cpus).materialize()
 
 
-def _usable(batch, cutoff: int | None):
-    """Ray Data UDF: the rows without an exclusion reason (and within the subset: ``order_key <= cutoff``)."""
+def _usable(batch, split: str, cutoff: int | None):
+    """Ray Data UDF: the rows of ``split`` without an exclusion reason (and within the subset:
+    ``order_key <= cutoff``)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    keep = pc.is_null(batch["excluded_reason"])
+    keep = pc.and_(pc.equal(batch["split"], split), pc.is_null(batch["excluded_reason"]))
     if cutoff is not None:
-        keep = pc.and_(keep, pc.less_equal(batch["order_key"], pc.scalar(cutoff, type=batch["order_key"].type)))
+        keep = pc.and_(keep, pc.less_equal(batch["order_key"], pa.scalar(cutoff, type=batch["order_key"].type)))
     return batch.filter(keep)
 
 
@@ -493,10 +497,13 @@ def run_train(cfg: JudgeConfig, train: list[str] | str, output_dir: str | Path, 
             raise TrainError(f"train.num_workers={tc.num_workers} with train.use_gpu needs {tc.num_workers} GPUs, but "
                              f"the Ray cluster has {have.get('GPU', 0):g}")
         t_prep = time.perf_counter()
-        train_ds = _read(inputs, cfg, "train", order_seed)
-        val_ds = _read(val_inputs, cfg, "val", order_seed) if val_inputs else None
-        tm = _meta(train_ds)
-        vm = _meta(val_ds) if val_ds is not None else None
+        total_rows = sum(d.summary.rows for d in inputs + val_inputs)
+        max_actors = min(int(have.get("CPU", 1) / cfg.resources.decode_num_cpus), math.ceil(total_rows / 2048))
+        prepared = _read([("train", d) for d in inputs] + [("val", d) for d in val_inputs], cfg, order_seed,
+                         max_actors)
+        meta_all = _meta(prepared)
+        tm = meta_all[meta_all["split"] == "train"]
+        vm = meta_all[meta_all["split"] == "val"] if val_inputs else None
         excluded = []
         for frame in [tm] + ([vm] if vm is not None else []):
             bad = frame[frame["excluded_reason"].notna()]
@@ -533,13 +540,13 @@ def run_train(cfg: JudgeConfig, train: list[str] | str, output_dir: str | Path, 
         # keep usable rows (and the subset); one seeded global order, so each worker's shard mixes the classes
         from rms_ray.judge.train_data import WORKER_COLUMNS
 
-        train_rows = (train_ds.map_batches(_usable, fn_kwargs={"cutoff": cutoff}, batch_format="pyarrow",
-                                           num_cpus=cfg.resources.decode_num_cpus)
+        train_rows = (prepared.map_batches(_usable, fn_kwargs={"split": "train", "cutoff": cutoff},
+                                           batch_format="pyarrow", num_cpus=cfg.resources.decode_num_cpus)
                       .sort("order_key").select_columns(WORKER_COLUMNS).materialize())
         datasets = {"train": train_rows}
-        if val_ds is not None:
-            datasets["val"] = (val_ds.map_batches(_usable, fn_kwargs={"cutoff": None}, batch_format="pyarrow",
-                                                  num_cpus=cfg.resources.decode_num_cpus)
+        if val_inputs:
+            datasets["val"] = (prepared.map_batches(_usable, fn_kwargs={"split": "val", "cutoff": None},
+                                                    batch_format="pyarrow", num_cpus=cfg.resources.decode_num_cpus)
                                .select_columns(WORKER_COLUMNS).materialize())
         prep_s = time.perf_counter() - t_prep
         log(f"training rows: {n_train} ({json.dumps(_counts(good))}); validation rows: "
@@ -556,7 +563,7 @@ def run_train(cfg: JudgeConfig, train: list[str] | str, output_dir: str | Path, 
         fit_id = uuid.uuid4().hex[:12]
         result = _fit(cfg, datasets, out, run_name, {
             "cfg_json": cfg.model_dump_json(), "total_steps": total_steps, "global_batch": global_batch,
-            "work_dir": str(work), "has_val": val_ds is not None, "identity": ident, "fit_id": fit_id,
+            "work_dir": str(work), "has_val": bool(val_inputs), "identity": ident, "fit_id": fit_id,
             "model_dir": str(out / "model"), "adapter_dir": str(out / "adapter") if tc.method == "lora" else None},
             progress, log)
         t_fit = time.perf_counter() - t_prep - prep_s
@@ -635,7 +642,7 @@ def run_train(cfg: JudgeConfig, train: list[str] | str, output_dir: str | Path, 
         "answer_format": {"lines": ["<safe|unsafe>", "category: <category | none>", "rationale: <template>"],
                           "rationales": {f"{t}/{lbl}": s for (t, lbl), s in RATIONALES.items()},
                           "end_of_turn": END_OF_TURN},
-        "best": {"step": best_state["step"], "metric": tc.checkpoint.metric if val_ds is not None else None,
+        "best": {"step": best_state["step"], "metric": tc.checkpoint.metric if val_inputs else None,
                  "val": best_val, "checkpoint": best.path},
         "restarts": restarts, "resumed_from_step": resumed_step,
         "export": export,

@@ -307,25 +307,51 @@ def pair_key(image_sha256: str, query: str | None) -> str:
     return hashlib.sha256(f"{image_sha256}\x00{query or ''}".encode()).hexdigest()
 
 
-def prepare_rows(stream: pa.Table, *, cfg_json: str, split: str, dataset_index: int, order_seed: int) -> pa.Table:
-    """Ray Data UDF: rows in :data:`rms_ray.judge.evaluate.STREAM_SCHEMA` (image bytes loaded) -> rows in
-    :data:`TRAIN_SCHEMA`. Never raises on a row: a row whose image is missing or undecodable, whose query is empty,
-    or whose rendered example is longer than ``train.max_len`` tokens keeps its ``excluded_reason`` (and no image).
+def stream_rows(batch: pa.Table, *, fmt: str, dataset: str, base_dir: str, split: str,
+                dataset_index: int) -> pa.Table:
+    """Ray Data UDF (light: no model code): a batch of a labelled file (Parquet rows, or ``read_text`` lines of a
+    JSONL file) -> :data:`rms_ray.judge.evaluate.STREAM_SCHEMA` rows (evaluate's reader: image bytes loaded, row
+    problems recorded) plus ``split`` and ``dataset_index`` columns."""
+    from rms_ray.judge.evaluate import jsonl_to_stream, parquet_to_stream
+
+    out = (parquet_to_stream if fmt == "parquet" else jsonl_to_stream)(batch, dataset, base_dir)
+    n = out.num_rows
+    return out.append_column("split", pa.array([split] * n, pa.string())).append_column(
+        "dataset_index", pa.array([dataset_index] * n, pa.int64()))
+
+
+class PrepareRows:
+    """Ray Data actor-pool UDF: :func:`prepare_rows` with the model's processor loaded once per actor."""
+
+    def __init__(self, cfg_json: str, order_seed: int) -> None:
+        from rms_ray.judge.config import JudgeConfig
+
+        self.cfg = JudgeConfig.model_validate_json(cfg_json)
+        self.order_seed = order_seed
+        self.processor = load_processor(self.cfg.model.source)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return prepare_rows(batch, self.cfg, self.processor, self.order_seed)
+
+
+def prepare_rows(stream: pa.Table, cfg: Any, processor: Any, order_seed: int) -> pa.Table:
+    """Rows from :func:`stream_rows` -> rows in :data:`TRAIN_SCHEMA`. Never raises on a row: a row whose image is
+    missing or undecodable, whose query is empty, or whose rendered example is longer than ``train.max_len``
+    tokens keeps its ``excluded_reason`` (and no image).
 
     The image is decoded and normalised by the judge's own decoder (``normalize_image`` under the judge's image
     policy, :func:`rms_ray.judge.scorer.image_policy`: what :func:`rms_ray.judge.scorer.prepare_image` does at
     inference) and stored as the lossless PNG it produced, so workers see the pixels inference sees. ``n_tokens``
-    is the length of the rendered example (prompt + answer + end of turn). ``cfg_json`` is the
-    :class:`~rms_ray.judge.config.JudgeConfig` as JSON.
+    is the length of the rendered example (prompt + answer + end of turn). ``cfg`` is the
+    :class:`~rms_ray.judge.config.JudgeConfig`, ``processor`` the model's (:func:`load_processor`).
     """
+    from PIL import Image
+
     from rms_ray.data.images import NormalizedImage, normalize_image
-    from rms_ray.judge.config import JudgeConfig
     from rms_ray.judge.scorer import image_policy
 
-    cfg = JudgeConfig.model_validate_json(cfg_json)
     policy = image_policy(cfg)
     max_len = cfg.train.max_len or cfg.model.max_model_len
-    processor = load_processor(cfg.model.source)
     out = []
     for r in stream.to_pylist():
         reason = r["excluded_reason"]
@@ -339,8 +365,6 @@ def prepare_rows(stream: pa.Table, *, cfg_json: str, split: str, dataset_index: 
             else:
                 png = norm.data
         if reason is None:
-            from PIL import Image
-
             img = Image.open(io.BytesIO(png)).convert("RGB")  # as prepare_image: the normalised PNG, as RGB
             answer = target_answer(r["task"], r["label"], r["category"], category_chars=cfg.judge.category_chars,
                                    rationale_chars=cfg.judge.rationale_chars)
@@ -353,26 +377,11 @@ def prepare_rows(stream: pa.Table, *, cfg_json: str, split: str, dataset_index: 
                 if n_tokens > max_len:
                     reason = f"too long: {n_tokens} tokens > train.max_len {max_len}"
         out.append({
-            "id": r["id"], "dataset": r["dataset"], "split": split, "task": r["task"], "label": r["label"],
+            "id": r["id"], "dataset": r["dataset"], "split": r["split"], "task": r["task"], "label": r["label"],
             "category": r["category"], "query": r["query"], "response": r["response"],
             "image": png if reason is None else None, "image_sha256": sha,
             "pair_key": pair_key(sha, r["query"]) if sha else None,
-            "order_key": order_key(order_seed, dataset_index, r["id"]), "n_tokens": n_tokens,
+            "order_key": order_key(order_seed, r["dataset_index"], r["id"]), "n_tokens": n_tokens,
             "excluded_reason": reason,
         })
     return pa.Table.from_pylist(out, schema=TRAIN_SCHEMA)
-
-
-def parquet_rows(batch: pa.Table, *, dataset: str, base_dir: str, **kwargs: Any) -> pa.Table:
-    """Ray Data UDF over a labelled Parquet file's batches (evaluate's reader, then :func:`prepare_rows`)."""
-    from rms_ray.judge.evaluate import parquet_to_stream
-
-    return prepare_rows(parquet_to_stream(batch, dataset, base_dir), **kwargs)
-
-
-def jsonl_rows(batch: pa.Table, *, dataset: str, base_dir: str, **kwargs: Any) -> pa.Table:
-    """Ray Data UDF over ``read_text`` lines of a labelled JSONL file (evaluate's reader, then
-    :func:`prepare_rows`)."""
-    from rms_ray.judge.evaluate import jsonl_to_stream
-
-    return prepare_rows(jsonl_to_stream(batch, dataset, base_dir), **kwargs)

@@ -463,7 +463,8 @@ def train_loop_per_worker(spec: dict[str, Any]) -> dict[str, Any] | None:
         if rank == 0:
             logger.info("resumed from checkpoint at step %d", state["step"])
     worker_file("model_loaded")
-    model = prepare_model(core)  # DDP when world > 1; moves the model to this worker's device
+    # DDP (when world > 1) around the module that runs a whole batch; moves it to this worker's device
+    model = prepare_model(JudgeForward(core))
     worker_file("model_prepared")
     trainable = [p for p in core.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
@@ -480,7 +481,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> dict[str, Any] | None:
     train_it = ray.train.get_dataset_shard("train")
     val_it = ray.train.get_dataset_shard("val") if spec["has_val"] else None
     pad_id = processor.tokenizer.pad_token_id
-    ddp = model is not core
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     meta = {"precision": "bf16-autocast" if autocast_dtype is not None else "float32",
             "precision_reason": precision_reason, "device": device.type, "world_size": world}
     last_progress = 0.0
