@@ -4,7 +4,6 @@ the Serve application options, the cluster artefacts (Serve config, KubeRay RayS
 
 from __future__ import annotations
 
-import base64
 import io
 import os
 import subprocess
