@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh || exit 1
 export RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1
 # Outer limit: a hang fails the run instead of eating CI's hour.
-timeout --kill-after=30 2400 .venv/bin/python -m pytest -ra --durations=15 "$@"
+timeout --kill-after=30 3600 .venv/bin/python -m pytest -ra --durations=15 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
 exit "$rc"
