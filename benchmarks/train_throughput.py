@@ -1,6 +1,6 @@
 """Training throughput of ``rms-ray train-judge`` with 1 and with 2 Ray Train workers (data parallel, DDP).
 
-    .venv/bin/python benchmarks/train_throughput.py [--preset bench-100m] [--steps 8] [--batch-size 2]
+    .venv/bin/python benchmarks/train_throughput.py [--preset bench-100m] [--steps 6] [--batch-size 2] [--grad-accum 2]
 
 Both runs go through the real path (:func:`rms_ray.judge.train.run_train`: Ray Data preparation, ``TorchTrainer``,
 DDP over gloo on CPU, checkpoint, export) on the same synthetic rows (:mod:`rms_ray.testing.synthetic_safety`) and
@@ -10,9 +10,10 @@ so "2 workers" is data parallelism over the 2 cores, with the same per-worker ba
 Samples/s is measured in the steady state from the run's own log (``train_log.jsonl``): examples of the optimiser
 steps after the first ``--warmup`` steps, over their wall time (worker start-up, model load, data start and the
 final checkpoint/export are outside the window and reported apart). The model should be large enough that compute
-dominates communication: ``bench-100m`` (98.7M parameters) with full fine-tuning all-reduces 395 MB of gradients
-per step. Writes ``benchmarks/results/train_throughput.json``. Not a test: numbers vary with machine load, which is
-why both runs are made in one go.
+dominates communication: ``bench-100m`` (98.7M parameters) with full fine-tuning all-reduces 395 MB of float32
+gradients per optimiser step (over gloo, on the same 2 cores that compute), once per ``--grad-accum``
+micro-batches. Writes ``benchmarks/results/train_throughput_<preset>_<method>_ga<grad_accum>.json``. Not a test:
+numbers vary with machine load, which is why both runs are made in one go.
 """
 
 from __future__ import annotations
@@ -37,17 +38,22 @@ def steady_rate(out: Path, warmup: int, global_batch: int) -> dict:
     span = window[-1]["time"] - window[0]["time"]
     n = len(window) - 1
     per_step = [b["time"] - a["time"] for a, b in zip(window, window[1:])]
+    parts = {k: round(statistics.median(h[k] for h in window[1:]), 4)
+             for k in ("data_s", "render_s", "compute_s", "optimizer_s") if k in window[-1]}
     return {"steps_measured": n, "seconds": round(span, 3), "samples_per_s": round(n * global_batch / span, 4),
-            "median_step_s": round(statistics.median(per_step), 4), "final_train_loss": steps[-1]["train_loss"]}
+            "median_step_s": round(statistics.median(per_step), 4), "median_step_parts_rank0": parts,
+            "final_train_loss": steps[-1]["train_loss"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="bench-100m", help="builtin model preset (tiny_model.PRESETS)")
     ap.add_argument("--method", default="full", choices=["full", "lora"])
-    ap.add_argument("--steps", type=int, default=8, help="optimiser steps per run")
-    ap.add_argument("--warmup", type=int, default=2, help="first steps left out of the rate")
-    ap.add_argument("--batch-size", type=int, default=2, help="per worker")
+    ap.add_argument("--steps", type=int, default=6, help="optimiser steps per run")
+    ap.add_argument("--warmup", type=int, default=1, help="first steps left out of the rate")
+    ap.add_argument("--batch-size", type=int, default=2, help="per worker and micro-batch")
+    ap.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimiser step (one gradient "
+                    "all-reduce per step, as in the GPU profiles)")
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--workers", default="1,2")
     args = ap.parse_args()
@@ -73,7 +79,8 @@ def main() -> None:
             cfg = load_judge_config("judge-cpu-tiny", {
                 "model.source": f"builtin:{args.preset}", "train.method": args.method,
                 "train.num_workers": w, "train.cpus_per_worker": 1, "train.batch_size": args.batch_size,
-                "train.grad_accum": 1, "train.examples_seen": args.steps * args.batch_size * w,
+                "train.grad_accum": args.grad_accum,
+                "train.examples_seen": args.steps * args.batch_size * args.grad_accum * w,
                 "train.eval_every_steps": 10_000, "train.precision": "auto"})
             t0 = time.perf_counter()
             s = run_train(cfg, str(train), tmp / f"out-{w}", progress=False, log=lambda m: print("  ", m))
@@ -102,9 +109,10 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     from rms_ray.common.io import write_json_atomic
 
-    write_json_atomic(RESULTS / "train_throughput.json", result)
+    path = RESULTS / f"train_throughput_{args.preset}_{args.method}_ga{args.grad_accum}.json"
+    write_json_atomic(path, result)
     print(json.dumps({k: result[k] for k in ("ratio_2_over_1", "target_ratio")}))
-    print(f"wrote {RESULTS / 'train_throughput.json'}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

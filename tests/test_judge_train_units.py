@@ -215,3 +215,14 @@ def test_cli_prints_one_error_line(tmp_path):
     h = subprocess.run([str(RMS_RAY), "train-judge", "--help"], capture_output=True, text=True, timeout=60,
                        env={"COLUMNS": "200", "TERM": "dumb", "PATH": "/usr/bin:/bin"})
     assert h.returncode == 0 and "--train" in h.stdout and "examples_seen" in h.stdout
+
+
+def test_job_entrypoint_runs_the_command(tmp_path):
+    """jobs/train_judge.py is `rms-ray train-judge` for `ray job submit` (same options, absolute --output)."""
+    job = Path(__file__).resolve().parent.parent / "jobs" / "train_judge.py"
+    r = subprocess.run([sys.executable, str(job), "--config", "judge-cpu-tiny", "--train", "x.parquet",
+                        "--output", "runs/x"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: --output runs/x is relative"), r.stderr
+    r = subprocess.run([sys.executable, str(job), "--config", "judge-cpu-tiny", "--train", str(tmp_path / "x.parquet"),
+                        "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "error: dataset" in r.stderr and "not found" in r.stderr, r.stderr

@@ -7,6 +7,7 @@ name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -62,6 +63,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         raise
     fsync_dir(path.parent)  # the rename itself must reach the disk too
     return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (bounded memory for any size)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 from collections import Counter
@@ -33,7 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rms_ray.common.io import atomic_write, hf_schema_metadata, write_json_atomic, write_parquet_atomic, write_text_atomic
+from rms_ray.common.io import (atomic_write, file_sha256, hf_schema_metadata, write_json_atomic, write_parquet_atomic,
+                               write_text_atomic)
 from rms_ray.data.labelled import CORE, LabelledSummary, LabelledWriter, default_task, load_row_image, scan
 from rms_ray.judge.config import JudgeConfig
 
@@ -71,14 +73,6 @@ class DatasetInput:
     base_dir: Path | None = None  # image paths are relative to this (default: path's folder)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _is_construct_output(path: Path) -> bool:
     return path.is_dir() and (path / "manifest.json").is_file() and (path / "data").is_dir()
 
@@ -102,41 +96,71 @@ def _ray_readable_jsonl(path: Path, copy: Path) -> Path:
     return copy
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def split_dataset_spec(spec: str) -> tuple[str | None, str]:
+    """``"mms=data/x.parquet"`` -> ``("mms", "data/x.parquet")``; a spec that is itself an existing path, or whose
+    part before ``=`` is not a plain name (letters, digits, ``_.-``), is a path: ``(None, spec)``."""
+    name, sep, path = spec.partition("=")
+    if sep and _NAME.fullmatch(name) and not Path(spec).expanduser().exists():
+        return name, path
+    return None, spec
+
+
+def name_dataset_specs(specs: list[str], *, reserved: tuple[str, ...] = ()) -> list[tuple[str, Path, str]]:
+    """The one naming rule for dataset arguments (``evaluate``, ``compare-datasets``, ``scale-study``).
+
+    ``NAME=PATH`` names a set; a plain PATH is named by its file stem (labelled file) or folder name (construct
+    output), made unique with ``-2``, ``-3``. Returns ``(name, path, spec)`` per argument, in order.
+
+    Raises:
+        EvaluateError: no datasets, a missing path, a path that is neither a labelled file nor a construct output,
+            the same path twice, or a NAME given twice or in ``reserved``.
+    """
+    if not specs:
+        raise EvaluateError("no datasets given")
+    out: list[tuple[str, Path, str]] = []
+    names: set[str] = set(reserved)
+    given: dict[Path, str] = {}
+    for spec in specs:
+        explicit, path = split_dataset_spec(spec)
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise EvaluateError(f"dataset {path} not found")
+        if p.resolve() in given:
+            raise EvaluateError(f"dataset {spec}: given twice (also as {given[p.resolve()]})")
+        given[p.resolve()] = spec
+        if not (_is_construct_output(p) or (p.is_file() and p.suffix in (".jsonl", ".parquet"))):
+            raise EvaluateError(f"dataset {spec}: not a labelled .jsonl/.parquet file nor an rms-ray construct output")
+        if explicit is not None:
+            if explicit in names:
+                raise EvaluateError(f"dataset name {explicit!r} is used twice (or is reserved): name each set once")
+            name = explicit
+        else:
+            base = name = p.resolve().name if p.is_dir() else p.name.rsplit(".", 1)[0]
+            k = 2
+            while name in names:
+                name, k = f"{base}-{k}", k + 1
+        names.add(name)
+        out.append((name, p, spec))
+    return out
+
+
 def resolve_datasets(specs: list[str], work: Path) -> list[DatasetInput]:
     """Resolve and validate every dataset named on the command line (no Ray, no engine).
 
-    A construct output folder is converted once to ``work/inputs/<name>.parquet`` (labelled rows: see
-    :mod:`rms_ray.construct.export`). Names are file stems / folder names, made unique with ``-2``, ``-3``.
+    Names follow :func:`name_dataset_specs` (``NAME=PATH``, else file stem / folder name). A construct output
+    folder is converted once to ``work/inputs/<name>.parquet`` (labelled rows: see :mod:`rms_ray.construct.export`).
 
     Raises:
-        EvaluateError: no datasets, a path that is neither a labelled file nor a construct output, or a file that
-            fails :func:`rms_ray.data.labelled.scan` (the message names the file and rows).
+        EvaluateError: see :func:`name_dataset_specs`, or a file that fails :func:`rms_ray.data.labelled.scan`
+            (the message names the file and rows).
     """
     from rms_ray.data.labelled import LabelledFormatError
 
-    if not specs:
-        raise EvaluateError("no datasets given")
     out: list[DatasetInput] = []
-    names: set[str] = set()
-    given: dict[Path, str] = {}
-    for spec in specs:
-        p = Path(spec).expanduser()
-        if p.exists():
-            if p.resolve() in given:
-                raise EvaluateError(f"dataset {spec}: given twice (also as {given[p.resolve()]})")
-            given[p.resolve()] = spec
-        if _is_construct_output(p):
-            name = p.resolve().name
-        elif p.is_file() and p.suffix in (".jsonl", ".parquet"):
-            name = p.name.rsplit(".", 1)[0]
-        elif p.exists():
-            raise EvaluateError(f"dataset {spec}: not a labelled .jsonl/.parquet file nor an rms-ray construct output")
-        else:
-            raise EvaluateError(f"dataset {spec} not found")
-        base, k = name, 2
-        while name in names:
-            name, k = f"{base}-{k}", k + 1
-        names.add(name)
+    for name, p, spec in name_dataset_specs(specs):
         path = p
         if _is_construct_output(p):
             from rms_ray.construct.export import iter_labelled_rows
@@ -155,7 +179,7 @@ def resolve_datasets(specs: list[str], work: Path) -> list[DatasetInput]:
         except (LabelledFormatError, FileNotFoundError) as e:
             raise EvaluateError(str(e)) from None
         read = _ray_readable_jsonl(path, work / "inputs" / f"{name}.jsonl") if path.suffix == ".jsonl" else path
-        out.append(DatasetInput(name, read.resolve(), spec, summary, _file_sha256(path), path.resolve().parent))
+        out.append(DatasetInput(name, read.resolve(), spec, summary, file_sha256(path), path.resolve().parent))
     return out
 
 
@@ -379,7 +403,7 @@ def _threshold_dataset(spec: str, inputs: list[DatasetInput]) -> str:
     any engine starts when that set cannot give an F1 threshold (one label only)."""
     p = Path(spec).expanduser()
     match = [d for d in inputs if spec in (d.name, d.origin)
-             or (p.exists() and p.resolve() == Path(d.origin).expanduser().resolve())]
+             or (p.exists() and p.resolve() == Path(split_dataset_spec(d.origin)[1]).expanduser().resolve())]
     if not match:
         raise EvaluateError(f"--threshold-from {spec}: not one of the datasets ({', '.join(d.name for d in inputs)})")
     d = match[0]
@@ -415,9 +439,7 @@ def run_evaluate(cfg: JudgeConfig, datasets: list[str], output_dir: str | Path, 
     t0 = time.perf_counter()
     out_dir = Path(output_dir).expanduser().resolve()
     judge_kind = check_model_source(cfg.model.source)
-    inputs_ok = [Path(s).expanduser().exists() for s in datasets]
-    if not all(inputs_ok):
-        raise EvaluateError(f"dataset {datasets[inputs_ok.index(False)]} not found")
+    name_dataset_specs(datasets)  # every argument named and found before the output folder is touched
     existed = out_dir.exists()
     was_empty = existed and out_dir.is_dir() and not any(out_dir.iterdir())
     work = _prepare_output(out_dir)

@@ -43,6 +43,7 @@ import shutil
 import socket
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -521,11 +522,13 @@ def train_loop_per_worker(spec: dict[str, Any]) -> dict[str, Any] | None:
             torch.save(sched.state_dict(), Path(tmp) / "scheduler.pt")
             (Path(tmp) / STATE_FILE).write_text(json.dumps({**state, **meta}, default=float))
             (Path(tmp) / VAL_SCORES_FILE).write_text(json.dumps(scores))
+            # unique per report: a worker group restarted from an earlier checkpoint may report this step again
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"checkpoint_step{state['step']:07d}")
+                             checkpoint_dir_name=f"checkpoint_step{state['step']:07d}_{uuid.uuid4().hex[:8]}")
 
     model.train()
     micro, loss_acc, tok_acc = 0, 0.0, 0
+    timing: dict[str, float] = {"since": time.perf_counter(), "render_s": 0.0, "compute_s": 0.0}
     progress("training", force=True)
     while state["step"] < total:
         epoch = state["epoch"]
@@ -543,20 +546,28 @@ def train_loop_per_worker(spec: dict[str, Any]) -> dict[str, Any] | None:
             torch.manual_seed(tc.seed * 7919 + state["step"] * 131 + micro * 17 + rank)
             if "first_batch" not in marks:
                 worker_file("first_batch")
+            t0 = time.perf_counter()
             batch = collate(render_rows(rows, processor, cfg), pad_id)
-            logits, targets = answer_logits(model, batch, device, autocast_dtype)
-            losses = token_losses(logits, targets)
-            n_tok = int((targets != -100).sum())
-            loss = losses.sum() / max(1, n_tok)
+            t1 = time.perf_counter()
             sync = micro + 1 == tc.grad_accum
+            # DDP all-reduces the gradients only on the last micro-batch of a step; no_sync must cover the forward
+            # too (DDP arms its reducer in forward)
             with (model.no_sync() if ddp and not sync else contextlib.nullcontext()):
+                logits, targets = answer_logits(model, batch, device, autocast_dtype)
+                losses = token_losses(logits, targets)
+                n_tok = int((targets != -100).sum())
+                loss = losses.sum() / max(1, n_tok)
                 (loss / tc.grad_accum).backward()
+            t2 = time.perf_counter()
+            timing["render_s"] += t1 - t0
+            timing["compute_s"] += t2 - t1
             micro += 1
             state["batch_in_epoch"] += 1
             loss_acc += float(losses.sum())
             tok_acc += n_tok
             if not sync:
                 continue
+            t3 = time.perf_counter()
             torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
             opt.step()
             sched.step()
@@ -565,12 +576,21 @@ def train_loop_per_worker(spec: dict[str, Any]) -> dict[str, Any] | None:
             state["examples_seen"] += int(spec["global_batch"])
             train_loss = _all_mean(loss_acc / max(1, tok_acc))
             micro, loss_acc, tok_acc = 0, 0.0, 0
+            timing["optimizer_s"] = time.perf_counter() - t3
+            # where this rank's time went since the last step: waiting for data, rendering, forward+backward
+            # (with the all-reduce of the last micro-batch), optimiser
+            now = time.perf_counter()
+            timing["data_s"] = max(0.0, now - timing.pop("since") - timing["render_s"] - timing["compute_s"]
+                                   - timing["optimizer_s"])
             state["history"].append({"event": "step", "step": state["step"], "epoch": epoch,
                                      "examples_seen": state["examples_seen"], "train_loss": train_loss,
-                                     "lr": sched.get_last_lr()[0], "time": time.time()})
+                                     "lr": sched.get_last_lr()[0], "time": time.time(),
+                                     **{k: round(v, 4) for k, v in timing.items()}})
+            timing = {"since": now, "render_s": 0.0, "compute_s": 0.0}
             progress("training", {"train_loss": train_loss})
             if state["step"] % tc.eval_every_steps == 0 or state["step"] >= total:
                 checkpoint_and_report(train_loss)
+                timing["since"] = time.perf_counter()  # validation and checkpoint are not the next step's time
             if state["step"] >= total:
                 break
         else:  # the shard is used up: next epoch

@@ -6,7 +6,7 @@ that learned from one that did not, and an ablation that hides one modality must
 Construction (deterministic by ``seed``):
 
 * **Images** are one of two clearly different kinds, drawn with per-pixel noise so no two are byte-identical:
-  kind ``A`` a reddish square, kind ``B`` a bluish one (``size`` x ``size`` px PNG).
+  kind ``A`` a reddish square, kind ``B`` a bluish one (``size`` x ``size`` px PNG, 112 by default).
 * **Queries** come from two families of templates: family 1 asks to do something with *fire* words, family 2
   with *water* words (several verbs and objects per family, so a model must learn the family, not one string).
 * **Label** (an XOR): ``unsafe`` iff (kind A and family 1) or (kind B and family 2), else ``safe``. Each of the
@@ -61,7 +61,7 @@ def _query(family: int, rng: np.random.Generator) -> str:
     return f"Can I {verbs[rng.integers(len(verbs))]} {objects[rng.integers(len(objects))]} here?"
 
 
-def synthetic_rows(n: int, *, seed: int = 0, variant: str = "normal", size: int = 56,
+def synthetic_rows(n: int, *, seed: int = 0, variant: str = "normal", size: int = 112,
                    response_fraction: float = 0.0, id_prefix: str = "syn") -> Iterator[dict[str, Any]]:
     """Yield ``n`` labelled rows (image as ``{"bytes", "path"}``), balanced over the four (kind, family) cells.
 
@@ -69,7 +69,10 @@ def synthetic_rows(n: int, *, seed: int = 0, variant: str = "normal", size: int 
         n: rows (>= 4 for every cell to appear).
         seed: numpy PCG64 seed; the same arguments give the same rows, byte for byte.
         variant: ``normal`` | ``blank_image`` | ``empty_query`` (see the module docstring).
-        size: image side in pixels (>= 32: the judge's image policy refuses smaller images by default).
+        size: image side in pixels (>= 32: the judge's image policy refuses smaller images by default). The
+            default 112 gives 16 image tokens with Qwen's 28-pixel merged patches; measured with the tiny model,
+            4 tokens (56 px) made the image kind slower to learn (the XOR at ~200 instead of ~160 steps, with
+            a longer tail across seeds).
         response_fraction: share of rows turned into ``response``-task rows (0..1).
         id_prefix: ids are ``<prefix>-<i>`` (give train and validation sets different prefixes).
     Raises:
@@ -104,7 +107,7 @@ def synthetic_rows(n: int, *, seed: int = 0, variant: str = "normal", size: int 
         }
 
 
-def write_synthetic_safety(path: str | Path, n: int, *, seed: int = 0, variant: str = "normal", size: int = 56,
+def write_synthetic_safety(path: str | Path, n: int, *, seed: int = 0, variant: str = "normal", size: int = 112,
                            response_fraction: float = 0.0, id_prefix: str = "syn") -> Path:
     """Write :func:`synthetic_rows` as a labelled file (``.parquet``, images embedded) with
     :class:`rms_ray.data.labelled.LabelledWriter`; extra columns ``kind`` and ``family`` say which cell a row is
@@ -126,7 +129,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variant", choices=VARIANTS, default="normal")
-    p.add_argument("--size", type=int, default=56)
+    p.add_argument("--size", type=int, default=112)
     p.add_argument("--response-fraction", type=float, default=0.0)
     p.add_argument("--id-prefix", default="syn")
     a = p.parse_args(argv)
