@@ -380,6 +380,31 @@ def import_dataset_cmd(
         raise typer.Exit(1)
 
 
+@app.command("split-dataset")
+def split_dataset_cmd(
+    src: Path = typer.Argument(..., help="a labelled .parquet or .jsonl file (e.g. from import-dataset)"),
+    output: Path = typer.Option(..., "--output", "-o", help="folder for train.parquet, test.parquet, split.json"),
+    test_fraction: float = typer.Option(0.2, "--test-fraction", help="expected share of groups in test (0..1)"),
+    seed: int = typer.Option(0, "--seed", help="which split (same seed + file = same split)"),
+    group_by: str = typer.Option("image", "--group-by", help="image (one photo never on both sides) | id"),
+    jsonl: bool = typer.Option(False, "--jsonl", help="write .jsonl (image paths) instead of .parquet"),
+) -> None:
+    """Split a labelled file into train and test files by a hash of each image (no photo on both sides)."""
+    from rms_ray.data.split import split_labelled
+
+    try:
+        r = split_labelled(src, output, test_fraction=test_fraction, seed=seed, group_by=group_by,
+                           suffix=".jsonl" if jsonl else ".parquet")
+    except (OSError, ValueError) as e:  # missing/broken input, bad argument, an empty side, unwritable output
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    for side in ("train", "test"):
+        counts = "; ".join(f"{task}: " + ", ".join(f"{n} {lbl}" for lbl, n in by.items())
+                           for task, by in r[side]["counts"].items())
+        typer.echo(f"{r[side]['path']}: {r[side]['rows']} rows, {r['groups'][side]} {group_by} group(s) ({counts})")
+    typer.echo(f"excluded: {r['excluded']} rows -> {output / 'excluded.jsonl'}; rule and counts: {output / 'split.json'}")
+
+
 def _judge_profile(config: str, set_: list[str], judge: Optional[str]):
     """Load a judge profile with ``--set`` overrides and ``--judge`` as ``model.source`` (exits 2 on a bad one)."""
     from rms_ray.judge.config import load_judge_config
