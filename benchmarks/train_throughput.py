@@ -61,7 +61,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
 
-    from rms_ray.common.ray_utils import quiet_ray_data
+    from rms_ray.common.ray_utils import configure_ray_data
     from rms_ray.engine.dtype import read_cpu_flags
     from rms_ray.judge.config import load_judge_config
     from rms_ray.judge.train import run_train
@@ -72,7 +72,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="rms_ray_train_bench_"))
     train = write_synthetic_safety(tmp / "train.parquet", args.rows, seed=1, id_prefix="t")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp / "ray"))
-    quiet_ray_data()
+    configure_ray_data()
     runs = {}
     try:
         for w in [int(x) for x in args.workers.split(",")]:

@@ -40,9 +40,9 @@ def ray_local():
     import ray
 
     tmp = tempfile.mkdtemp(prefix="rms_ray_test_ray_")
-    from rms_ray.common.ray_utils import SCRATCH_ENV, quiet_ray_data
+    from rms_ray.common.ray_utils import SCRATCH_ENV, configure_ray_data
 
-    quiet_ray_data()
+    configure_ray_data()
     # engine actors put their scratch files (vLLM's file store) under this session's folder, removed below
     old_scratch = os.environ.get(SCRATCH_ENV)
     os.environ[SCRATCH_ENV] = os.path.join(tmp, "engines")

@@ -1,14 +1,18 @@
 """`compare-datasets` and `scale-study` end to end: real Ray Train runs of the tiny judge on the synthetic XOR set
 (rms_ray/testing/synthetic_safety.py, where the label needs both the image and the query), real vLLM evaluation.
 
-The sets: ``learnable`` (the XOR, 192 rows) and ``blank`` (the same labels with every image blank: unlearnable by
-construction) are compared on three eval sets: ``own`` (held-out rows of ``learnable``'s source: its own test
-split, excluded from its quality score), ``other`` (fresh rows of another source) and ``unsafe_only`` (a one-class
-set: recall is its cell).
+The sets: ``learnable`` (the XOR, 192 rows), ``blank`` (the same kind of rows with every image blank) and
+``empty`` (every query the same neutral sentence): the two ablations are unlearnable by construction, since the XOR
+needs both the image and the query. They are compared on three eval sets: ``own`` (held-out rows of
+``learnable``'s source: its own test split, excluded from its quality score), ``other`` (fresh rows of another
+source) and ``unsafe_only`` (a one-class set: recall is its cell). This compare run is also the issue's
+"does it learn?" ablation check (the same recipe on a blank image or an empty query stays near chance):
+tests/test_judge_train.py checks the learned side through training-time validation and vLLM.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -45,6 +49,8 @@ def sets(tmp_path_factory):
         "learnable": _write(d / "learnable.parquet", synthetic_rows(192, seed=1, id_prefix="l"), "synth-a"),
         "blank": _write(d / "blank.parquet", synthetic_rows(192, seed=2, variant="blank_image", id_prefix="b"),
                         "synth-b"),
+        "empty": _write(d / "empty.parquet", synthetic_rows(192, seed=6, variant="empty_query", id_prefix="e"),
+                        "synth-e"),
         "own": _write(d / "own.parquet", synthetic_rows(48, seed=3, id_prefix="o"), "synth-a"),
         "other": _write(d / "other.parquet", synthetic_rows(64, seed=4, id_prefix="x"), "synth-c"),
         "unsafe_only": _write(d / "unsafe_only.parquet",
@@ -84,6 +90,13 @@ def test_sizes_names_and_own_sets(sets, tmp_path):
     assert own_eval_sets(named[2], named) == ["other"]
     with pytest.raises(StudyError, match="given twice"):
         name_datasets([str(sets["own"]), str(sets["own"])], "eval")
+    # NAME=PATH names a set (the same rule as evaluate's: one naming function)
+    named = name_datasets([f"mine={sets['learnable']}", str(sets["own"]), f"x.1={sets['other']}"], "eval")
+    assert [n.name for n in named] == ["mine", "own", "x.1"] and named[0].path == sets["learnable"].resolve()
+    with pytest.raises(StudyError, match="used twice"):
+        name_datasets([f"a={sets['own']}", f"a={sets['other']}"], "eval")
+    with pytest.raises(StudyError, match="reserved"):
+        name_datasets([f"{BASE}={sets['own']}"], "training")
     with pytest.raises(StudyError, match="not found"):
         name_datasets([str(tmp_path / "nope.parquet")], "training")
     cfg = load_judge_config("judge-cpu-tiny", {"train.examples_seen": None, "train.epochs": 2})
@@ -96,29 +109,36 @@ def test_concurrency_from_resources(ray_local):
     cfg = load_judge_config("judge-cpu-tiny")  # 2 workers x 0.5 CPU on a 2-CPU Ray: one run at a time
     assert concurrency(cfg, 3) == 1
     quarter = load_judge_config("judge-cpu-tiny", {"train.cpus_per_worker": 0.25})
-    assert concurrency(quarter, 5) == 3 and concurrency(quarter, 2) == 2 and concurrency(quarter, 5, 2) == 2
+    # 3 runs would fit the CPUs, but never more jobs than whole CPUs (Ray Data's per-execution CPU budget)
+    assert concurrency(quarter, 5) == 2 and concurrency(quarter, 2) == 2 and concurrency(quarter, 5, 1) == 1
 
 
 # -- compare-datasets ----------------------------------------------------------------------------------------------
+# thresholds of the ablations: chance is 0.5 for accuracy and AUPRC with balanced classes (F1 is no chance measure:
+# predicting "unsafe" for every row scores 0.67)
+CHANCE_ACCURACY, CHANCE_AUPRC = 0.70, 0.75
+
+
 def test_compare_datasets_matrix(sets, tmp_path, ray_local):
-    """Two training runs side by side (0.25 CPU per worker), the base judge, three eval sets."""
+    """Three training runs and the base judge, two jobs side by side (0.25 CPU per worker), each judge evaluated as
+    soon as it is trained; three eval sets."""
     cfg = load_judge_config("judge-cpu-tiny", {**SETS, "train.cpus_per_worker": 0.25})
     out = tmp_path / "compare"
     lines: list[str] = []
-    m = run_compare(cfg, [str(sets["learnable"]), str(sets["blank"])],
-                    [str(sets["own"]), str(sets["other"]), str(sets["unsafe_only"])], out, max_concurrent=2,
-                    progress=False, log=lines.append)
-    assert "training 2 judge(s), 2 at a time" in lines
-    assert m["rows"] == [BASE, "learnable", "blank"] and m["columns"] == ["own", "other", "unsafe_only"]
-    assert m["own"] == {"learnable": ["own"], "blank": [], BASE: []}
-    # the same budget: both runs saw the same number of examples
-    assert m["runs"]["learnable"]["examples_seen"] == m["runs"]["blank"]["examples_seen"] >= 1600
+    trains = [str(sets["learnable"]), str(sets["blank"]), str(sets["empty"])]
+    evals = [str(sets["own"]), str(sets["other"]), str(sets["unsafe_only"])]
+    m = run_compare(cfg, trains, evals, out, progress=False, log=lines.append)
+    assert "training 3 judge(s) and evaluating 4, 2 job(s) at a time" in lines
+    assert m["rows"] == [BASE, "learnable", "blank", "empty"] and m["columns"] == ["own", "other", "unsafe_only"]
+    assert m["own"] == {"learnable": ["own"], "blank": [], "empty": [], BASE: []}
+    # the same budget: every run saw the same number of examples
+    assert {r["examples_seen"] for r in m["runs"].values()} == {1600}
+    metrics = {row: json.loads((out / "evals" / row / "metrics.json").read_text()) for row in m["rows"]}
     for row in m["rows"]:
-        c = m["cells"][row]
+        c, ev = m["cells"][row], metrics[row]
         assert c["unsafe_only"]["primary_name"] == "recall" and c["unsafe_only"]["f1"] is None
         assert c["other"]["primary_name"] == "f1"
         # the cell is what evaluate computed, and evaluate's F1 is scikit-learn's on its predictions
-        ev = json.loads((out / "evals" / row / "metrics.json").read_text())
         assert c["other"]["f1"] == ev["metrics"]["other"]["all_tasks"]["overall"]["f1"]
         preds = pq.read_table(out / "evals" / row / "predictions.parquet").to_pandas()
         p = preds[(preds["dataset"] == "other") & preds["parsed"]]
@@ -128,35 +148,40 @@ def test_compare_datasets_matrix(sets, tmp_path, ray_local):
         assert math.isclose(c["unsafe_only"]["primary"], float(np.mean(u["unsafe_score"] >= ev["threshold"]["value"])))
         want_q = np.mean([c[k]["primary"] for k in m["columns"] if k not in m["own"][row]])
         assert math.isclose(m["quality"][row], want_q)
-    # The learnable set teaches the XOR; the blank-image set cannot. Measured (2026-12-01, 2-core AVX2, two runs
-    # side by side): learnable F1 0.81 / AUPRC 0.94 on `other`, AUPRC 0.91 on `own`, quality 0.80; blank quality
-    # 0.13; the untrained base flags everything unsafe (F1 0.67 = the all-unsafe baseline, recall 1.0 on the
-    # one-class set: quality 0.78, which is why the one-class recall cell alone cannot rank a judge).
+    # The learnable set teaches the XOR; the ablations cannot. Measured (2026-12-01, 2-core AVX2, runs side by side):
+    # learnable F1 0.97 / AUPRC 1.00 on `other`, F1 0.96 / AUPRC 1.00 on `own`, quality 0.89; blank and empty flag
+    # nothing unsafe (accuracy 0.50, AUPRC 0.45 / 0.43 on `other`, quality 0.0); the untrained base flags everything
+    # unsafe (F1 0.67 = the all-unsafe baseline, recall 1.0 on the one-class set: quality 0.78, which is why the
+    # one-class recall cell alone cannot rank a judge). Scale study (below): quality 0.44 / 0.91 / 0.97 at 8 / 32 /
+    # 192 rows.
     learn = m["cells"]["learnable"]
     assert learn["other"]["f1"] >= 0.7 and learn["other"]["auprc"] >= 0.85, learn
     assert learn["own"]["auprc"] >= 0.85, learn
-    assert m["quality"]["learnable"] > m["quality"]["blank"] + 0.3
-    assert m["ranking"].index("learnable") < m["ranking"].index("blank")
+    for row in ("blank", "empty"):
+        o = metrics[row]["metrics"]["other"]["all_tasks"]["overall"]
+        assert o["accuracy"] <= CHANCE_ACCURACY and o["auprc"] <= CHANCE_AUPRC, (row, o)
+        assert m["quality"]["learnable"] > m["quality"][row] + 0.2, m["quality"]
+        assert m["ranking"].index("learnable") < m["ranking"].index(row)
     md = (out / "matrix.md").read_text()
     assert "| trained on | own | other | unsafe\\_only | quality |" in md and "untrained base judge" in md
     assert "learnable: " in md and "*F1 " in md  # the ranking, and the own cell in italics
     assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     study = json.loads((out / "study.json").read_text())
     assert study["config"]["train"]["examples_seen"] == 1600 and study["eval_sets"]["other"]["sha256"]
+    assert study["train_sets"]["blank"]["sha256"] == hashlib.sha256(sets["blank"].read_bytes()).hexdigest()
 
     # a rerun into the same folder trains nothing and evaluates nothing again
     again: list[str] = []
-    m2 = run_compare(cfg, [str(sets["learnable"]), str(sets["blank"])],
-                     [str(sets["own"]), str(sets["other"]), str(sets["unsafe_only"])], out, max_concurrent=2,
-                     progress=False, log=again.append)
+    m2 = run_compare(cfg, trains, evals, out, progress=False, log=again.append)
     assert m2["cells"] == m["cells"] and m2["ranking"] == m["ranking"]
-    assert sum("already complete" in ln for ln in again) == 2, again
-    assert sum("already done" in ln for ln in again) == 3, again
+    assert sum("already complete" in ln for ln in again) == 3, again
+    assert sum("already done" in ln for ln in again) == 4, again
 
 
 # -- scale-study ---------------------------------------------------------------------------------------------------
 def test_scale_study_score_rises_with_size(sets, tmp_path, ray_local):
-    cfg = load_judge_config("judge-cpu-tiny", SETS)
+    """Three sizes, one seed: two runs side by side (0.25 CPU per worker), each evaluated when trained."""
+    cfg = load_judge_config("judge-cpu-tiny", {**SETS, "train.cpus_per_worker": 0.25})
     out = tmp_path / "scale"
     r = run_scale_study(cfg, str(sets["learnable"]), [8, 32, 192], 1, [str(sets["other"])], out, progress=False,
                         log=lambda m: None)

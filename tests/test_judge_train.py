@@ -1,26 +1,26 @@
 """``rms-ray train-judge`` under real Ray Train (2 workers, fractional CPUs, DDP over gloo) on the synthetic XOR
 safety set (:mod:`rms_ray.testing.synthetic_safety`): the label needs both the image and the query.
 
-Three training runs, each the same recipe (the ``judge-cpu-tiny`` profile's ``train`` section, base
-``builtin:tiny-train``: 200 optimiser steps x 8 examples = 1600 examples seen), each checked for one more thing:
+Two training runs of the ``judge-cpu-tiny`` profile's recipe (base ``builtin:tiny-train``):
 
-* ``learned`` (normal data): a Ray Train worker is SIGKILLed after the first checkpoint; FailureConfig restarts the
-  worker group, which resumes from that checkpoint (not from step 0) and finishes. Held-out F1 must be well above
-  chance, both in training-time validation and through the real path (the output folder loaded by vLLM in
-  ``rms-ray evaluate``), and the two paths' scores must agree row by row.
-* ``blank`` (every image an uninformative grey): the run is interrupted (SIGINT, as Ctrl-C) after its first
-  checkpoint and the same call is made again: it says it resumes, continues from that checkpoint and finishes.
-  The XOR is unlearnable without the image: it must stay near chance.
-* ``empty_query`` (every query the same neutral sentence, trained on the first 176 rows of the seeded order):
-  unlearnable without the text; near chance.
+* ``learned`` (normal data, the profile's 250 optimiser steps x 8 examples = 2000 examples seen): a Ray Train
+  worker is SIGKILLed after the first checkpoint; FailureConfig restarts the worker group, which resumes from that
+  checkpoint (not from step 0) and finishes. Held-out F1 must be well above chance, both in training-time
+  validation and through the real path (the output folder loaded by vLLM in ``rms-ray evaluate``), and the two
+  paths' scores must agree row by row.
+* ``interrupted`` (a 40-step run on a seeded subset of 176 rows): interrupted (SIGINT, as Ctrl-C) after its first
+  checkpoint, and the same call is made again: it says it resumes, continues from that checkpoint and finishes.
 
-Measured (2026-12-01, this 2-core AVX2 machine, float32, loaded by other test runs; final-step validation on 64
-held-out rows; in brackets: the same runs with the training labels shuffled, the deliberately broken check):
-  normal: F1 0.97, AUPRC 1.00, accuracy 0.97 (evaluate through vLLM: F1 0.97)   [shuffled: F1 0.5x, AUPRC 0.5x]
-  blank_image: F1 0.06, AUPRC 0.57, accuracy 0.52; empty_query: F1 0.0-0.67, AUPRC 0.55-0.6, accuracy 0.50
+The other half of "does it learn?", that the same recipe stays near chance when the image is blank or the query is
+empty, is checked by tests/test_judge_study.py, whose compare-datasets run trains those two ablations side by side
+with the learnable set (one training of each instead of two).
+
+Measured (2026-12-01, this 2-core AVX2 machine, float32; final-step validation on 64 held-out rows; in brackets:
+the same run with the training labels shuffled, the deliberately broken check):
+  normal: F1 1.00, AUPRC 1.00 at step 250 (F1 0.90 at step 150, 0.94 at 200; evaluate through vLLM agrees row by
+  row within 0.05)   [shuffled: F1 0.5x, AUPRC 0.5x]
 Thresholds, with margin for other CPUs (bf16 autocast on AVX-512 BF16 machines) and seeds: learned F1 >= 0.85 and
-AUPRC >= 0.9; ablations accuracy <= 0.7 and AUPRC <= 0.75 (chance 0.5 for both with balanced classes; F1 alone is
-no chance measure: predicting "unsafe" for all rows scores 0.67).
+AUPRC >= 0.9.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from rms_ray.judge.train import TrainError, TrainInterrupted, run_train
 from rms_ray.testing.synthetic_safety import synthetic_rows, write_synthetic_safety
 
 LEARNED_F1, LEARNED_AUPRC = 0.85, 0.90
-CHANCE_ACCURACY, CHANCE_AUPRC = 0.70, 0.75
 N_TRAIN, N_VAL = 192, 64
 BASE = "builtin:tiny-train"
+STEPS = 250  # the profile's budget: train.examples_seen 2000 / (2 workers x batch 4)
 
 
 def _cfg(**sets):
@@ -118,10 +118,10 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(learned):
     assert learned["killed"], "the killer thread never saw a checkpoint"
     every = _cfg().train.eval_every_steps
     assert len(s["restarts"]) == 1 and s["restarts"][0] >= every and s["restarts"][0] % every == 0, s["restarts"]
-    assert s["steps"] == 200 and s["examples_seen"] == 1600 and not s["resumed"]
+    assert s["steps"] == STEPS and s["examples_seen"] == STEPS * 8 and not s["resumed"]
     log = [json.loads(ln) for ln in (out / "train_log.jsonl").read_text().splitlines()]
     # the log is the resumed run's: every step once, in order (steps after the checkpoint were redone, not doubled)
-    assert [h["step"] for h in log if h["event"] == "step"] == list(range(1, 201))
+    assert [h["step"] for h in log if h["event"] == "step"] == list(range(1, STEPS + 1))
     assert [(h["kind"], h["step"]) for h in log if h["event"] == "resumed"] == [("restart", s["restarts"][0])]
     assert any("workers restarted after a failure: resuming from checkpoint at step" in ln for ln in learned["lines"])
 
@@ -142,8 +142,8 @@ def test_output_folder(learned):
     assert not (model / "rms_ray_tiny.json").exists()  # the base's build stamp does not describe the judge
     meta = json.loads((out / "judge_meta.json").read_text())
     assert meta["base_model"]["source"] == BASE and meta["base_model"]["model_type"] == "qwen2_5_vl"
-    assert meta["judge_prompt"].startswith("judge@v") and meta["config"]["train"]["examples_seen"] == 1600
-    assert meta["budget"]["steps"] == 200 and meta["budget"]["global_batch"] == 8
+    assert meta["judge_prompt"].startswith("judge@v") and meta["config"]["train"]["examples_seen"] == STEPS * 8
+    assert meta["budget"]["steps"] == STEPS and meta["budget"]["global_batch"] == 8
     assert meta["data"]["used"]["train_counts"] == {"prompt": {"safe": 96, "unsafe": 96}}
     assert meta["label_vocabulary"]["categories"] == ["fire", "water"]
     assert {"torch", "transformers", "ray", "peft"} <= set(meta["versions"])
@@ -177,55 +177,52 @@ def test_the_trained_folder_is_a_judge_vllm_loads(learned, tmp_path):
                map(json.loads, (learned["out"] / "val_scores.jsonl").read_text().splitlines())}
     diffs = [abs(served[i] - s) for i, s in trained.items()]
     # weights are saved in the base's bfloat16 and served by vLLM in float32 here: small differences only
-    assert max(diffs) < 0.1 and sum(diffs) / len(diffs) < 0.02, (max(diffs), sum(diffs) / len(diffs))
+    assert max(diffs) < 0.05 and sum(diffs) / len(diffs) < 0.01, (max(diffs), sum(diffs) / len(diffs))
+
+
+INTERRUPTED_STEPS = 40  # a short run of the same recipe: resuming is under test here, not learning
 
 
 @pytest.fixture(scope="module")
-def blank(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("blank")
-    train, val = _data(root, "blank_image")
+def interrupted(ray_local, tmp_path_factory):
+    """Ctrl-C after the first checkpoint, then the same call again; trained on a seeded subset of 176 rows."""
+    root = tmp_path_factory.mktemp("interrupted")
+    train, val = _data(root, "normal")
     out = root / "out"
+    cfg = _cfg(**{"train.examples_seen": INTERRUPTED_STEPS * 8, "train.eval_every_steps": 10})
 
     def interrupt():  # Ctrl-C: Ray Train's handler aborts the run gracefully, keeping its checkpoints
         p = json.loads((out / "_work" / "progress.json").read_text())
-        if p["step"] < p["total_steps"] - 20:
+        if p["step"] < p["total_steps"] - 10:
             os.kill(os.getpid(), signal.SIGINT)
 
     watcher = _when_checkpointed(out, interrupt)
     first = Lines()
     with pytest.raises(TrainInterrupted) as info:
-        run_train(_cfg(), str(train), out, val=str(val), progress=False, log=first)
+        run_train(cfg, str(train), out, val=str(val), progress=False, log=first, row_limit=176, subset_seed=3)
     watcher.join(timeout=5)
     second = Lines()
-    summary = run_train(_cfg(), str(train), out, val=str(val), progress=False, log=second)
-    return {"summary": summary, "out": out, "interrupted_at": info.value.step, "second": second}
+    summary = run_train(cfg, str(train), out, val=str(val), progress=False, log=second, row_limit=176, subset_seed=3)
+    return {"summary": summary, "out": out, "interrupted_at": info.value.step, "second": second, "cfg": cfg}
 
 
-def test_an_interrupted_run_resumes_when_run_again(blank):
-    s, step = blank["summary"], blank["interrupted_at"]
-    assert step is not None and step > 0 and step % _cfg().train.eval_every_steps == 0
-    assert f"resuming from checkpoint at step {step} (of 200)" in blank["second"]
+def test_an_interrupted_run_resumes_when_run_again(interrupted):
+    s, step, n = interrupted["summary"], interrupted["interrupted_at"], INTERRUPTED_STEPS
+    assert step is not None and step > 0 and step % interrupted["cfg"].train.eval_every_steps == 0
+    assert f"resuming from checkpoint at step {step} (of {n})" in interrupted["second"]
     assert s["resumed"] and s["resumed_from_step"] == step and s["restarts"] == []
-    assert s["steps"] == 200 and s["examples_seen"] == 1600
-    log = [json.loads(ln) for ln in (blank["out"] / "train_log.jsonl").read_text().splitlines()]
-    assert [h["step"] for h in log if h["event"] == "step"] == list(range(1, 201))
+    assert s["steps"] == n and s["examples_seen"] == n * 8
+    log = [json.loads(ln) for ln in (interrupted["out"] / "train_log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log if h["event"] == "step"] == list(range(1, n + 1))
     assert [(h["kind"], h["step"]) for h in log if h["event"] == "resumed"] == [("rerun", step)]
 
 
-def test_blank_images_keep_the_xor_at_chance(blank):
-    final = _final_eval(blank["out"])
-    assert final["val_accuracy"] <= CHANCE_ACCURACY and final["val_auprc"] <= CHANCE_AUPRC, final
-
-
-def test_empty_queries_keep_the_xor_at_chance(ray_local, tmp_path):
-    train, val = _data(tmp_path, "empty_query")
-    s = run_train(_cfg(), str(train), tmp_path / "out", val=str(val), progress=False, log=lambda m: None,
-                  row_limit=176, subset_seed=3)
-    assert s["rows"]["train"] == 176 and s["examples_seen"] == 1600
-    meta = json.loads((tmp_path / "out" / "judge_meta.json").read_text())
+def test_a_seeded_subset_is_what_was_trained_on(interrupted):
+    s = interrupted["summary"]
+    assert s["rows"]["train"] == 176
+    meta = json.loads((interrupted["out"] / "judge_meta.json").read_text())
     assert meta["data"]["subset"] == {"row_limit": 176, "subset_seed": 3, "order_seed": 3}
-    final = _final_eval(tmp_path / "out")
-    assert final["val_accuracy"] <= CHANCE_ACCURACY and final["val_auprc"] <= CHANCE_AUPRC, final
+    assert sum(meta["data"]["used"]["train_counts"]["prompt"].values()) == 176
 
 
 # -- bad inputs found with Ray, before training starts --------------------------------------------------------------

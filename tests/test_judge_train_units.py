@@ -51,6 +51,18 @@ def test_target_answer_is_a_valid_judge_answer(task, label, category):
     assert (v.category == "none") == (label == "safe")
 
 
+def test_a_missing_category_in_any_spelling_is_unspecified():
+    """Rows read through pandas carry a missing category as NaN or pandas.NA (whose truth value raises): found when
+    compare-datasets trained on an MMSafeAware split."""
+    import pandas as pd
+
+    for missing in (None, float("nan"), pd.NA, ""):
+        assert target_category("unsafe", missing, 16) == "unspecified", missing
+    assert target_category("unsafe", "fire\nsmoke", 16) == "fire smoke"
+    cats = pd.Series(["fire", None], dtype="string")  # the nullable dtype gives pandas.NA
+    assert sorted({target_category("unsafe", c, 16) for c in cats}) == ["fire", "unspecified"]
+
+
 def test_target_answer_refuses_unknown_labels():
     with pytest.raises(ValueError, match="label"):
         target_answer("prompt", "harmful", None, category_chars=16, rationale_chars=32)

@@ -86,7 +86,7 @@ def one_line_ray_data_console() -> None:
     failures to rms_ray's ``error:`` line, and attach the active :class:`EngineWatch` es. Idempotent.
 
     Call after ``import ray.data`` (it configures its logger on import, removing any handler added before):
-    :func:`rms_ray.common.ray_utils.quiet_ray_data` does.
+    :func:`rms_ray.common.ray_utils.configure_ray_data` does.
     """
     logger = logging.getLogger("ray.data")
     for h in logger.handlers:
@@ -231,7 +231,7 @@ class RunLog:
         else:
             self._old_level = None
         _WATCHES.append(self.watch)
-        if "ray.data" in sys.modules:  # else quiet_ray_data attaches it once Ray Data is imported
+        if "ray.data" in sys.modules:  # else configure_ray_data attaches it once Ray Data is imported
             one_line_ray_data_console()
         return self
 

@@ -20,12 +20,21 @@ SCRATCH_ENV = "RMS_RAY_RUN_TMP"
 _session: dict[str, Any] = {}  # what init_ray set up in this process: tmp folder, env to restore, stderr filter
 
 
-def quiet_ray_data() -> None:
-    """Our own tqdm bar reports progress; Ray Data's periodic progress logs would bury it. Ray Data also warns,
-    once per process, that its progress bars are disabled: we disabled them on purpose."""
+def configure_ray_data() -> None:
+    """Ray Data settings of every rms_ray driver (called by :func:`init_ray`).
+
+    * Quiet: our own tqdm bar reports progress; Ray Data's periodic progress logs would bury it. Ray Data also
+      warns, once per process, that its progress bars are disabled: we disabled them on purpose.
+    * ``use_datasource_v2 = False``: Ray 2.60's V2 Parquet path plans ``read_parquet`` as a ``ListFiles`` task
+      that always asks for 1 CPU (``ray/data/_internal/planner/plan_list_files_op.py``: no way to pass
+      ``num_cpus``). A study trains and evaluates side by side, and an evaluation's engine actor holds a whole
+      CPU: on a 2-CPU cluster the 1-CPU listing task then never finds a free CPU and the run hangs (measured). The
+      V1 path reads with the ``num_cpus`` we give (``resources.decode_num_cpus``).
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
+    ctx.use_datasource_v2 = False
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -49,7 +58,7 @@ def init_ray(num_cpus: int | None = None, address: str | None = None) -> bool:
     # a log file; the deaths themselves are still printed by Ray, one line each.
     os.environ.setdefault("RAY_enable_output_error_log_if_still_retry", "0")
     address = address or os.environ.get("RAY_ADDRESS")
-    quiet_ray_data()
+    configure_ray_data()
     _session.clear()
     if address:
         # Joining a cluster (e.g. inside `ray job submit`): the workers run on other machines, and their stdout /

@@ -282,12 +282,14 @@ def build_dataset(inputs: list[DatasetInput], cfg: JudgeConfig, shard_dir: Path)
     for d in inputs:
         kwargs = {"dataset": d.name, "base_dir": str(d.base_dir or d.path.parent)}
         blocks = max(1, min(200, -(-d.summary.rows // res.batch_size)))
+        # read tasks as light as the decode tasks (Ray's default is 1 CPU): beside engine actors that hold whole
+        # CPUs (a study trains and evaluates side by side) a 1-CPU read task can wait forever for a free CPU
         if d.path.suffix == ".parquet":
-            ds = ray.data.read_parquet(str(d.path), override_num_blocks=blocks)
+            ds = ray.data.read_parquet(str(d.path), override_num_blocks=blocks, num_cpus=res.decode_num_cpus)
             ds = ds.map_batches(parquet_to_stream, fn_kwargs=kwargs, batch_format="pyarrow",
                                 batch_size=res.batch_size, num_cpus=res.decode_num_cpus)
         else:
-            ds = ray.data.read_text(str(d.path), override_num_blocks=blocks)
+            ds = ray.data.read_text(str(d.path), override_num_blocks=blocks, num_cpus=res.decode_num_cpus)
             ds = ds.map_batches(jsonl_to_stream, fn_kwargs=kwargs, batch_format="pyarrow",
                                 batch_size=res.batch_size, num_cpus=res.decode_num_cpus)
         parts.append(ds)

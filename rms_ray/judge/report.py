@@ -6,7 +6,9 @@ Plots use matplotlib's Agg canvas directly (no pyplot, no global backend change)
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +102,24 @@ def _series(frame) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return out
 
 
-def _new_figure(size: tuple[float, float]):
+#: matplotlib is not thread-safe even without pyplot: its font and mathtext parsers (pyparsing) are shared, and two
+#: threads drawing at once raised "ParseException ... (at char 0)" in a study training two judges side by side.
+#: Every plot of the package is drawn under this lock (see :func:`serialised`).
+PLOT_LOCK = threading.RLock()
+
+
+def serialised(fn):
+    """Decorator: run a plotting function under :data:`PLOT_LOCK` (plots take milliseconds; nothing waits long)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with PLOT_LOCK:
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def new_figure(size: tuple[float, float]):
+    """A matplotlib ``Figure`` on its own Agg canvas (no pyplot state: safe in threads, e.g. studies that train
+    and evaluate several judges side by side). ``size`` in inches."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -109,11 +128,13 @@ def _new_figure(size: tuple[float, float]):
     return fig
 
 
-def _save(fig, path: Path) -> Path:
+def save_png(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically; returns ``path``."""
     # The temp name ends in ".tmp", so the format must be explicit.
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
+@serialised
 def plot_pr_curves(frame, path: str | Path, title: str = "Precision-recall (unsafe = positive)") -> list[str]:
     """Write a PNG of PR curves, one line per dataset/task whose parsed rows have both classes.
 
@@ -129,7 +150,7 @@ def plot_pr_curves(frame, path: str | Path, title: str = "Precision-recall (unsa
     Returns:
         Notes on series left out (one class only), for the report.
     """
-    fig = _new_figure((7.5, 5.5))
+    fig = new_figure((7.5, 5.5))
     ax = fig.subplots()
     notes = []
     drawn = 0
@@ -155,10 +176,11 @@ def plot_pr_curves(frame, path: str | Path, title: str = "Precision-recall (unsa
     ax.set_title(title + "\n(dashed: unsafe rate = no-skill baseline)", fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_png(fig, Path(path))
     return notes
 
 
+@serialised
 def plot_reliability(frame, path: str | Path, n_bins: int = N_BINS,
                      title: str = "Reliability of the unsafe score") -> list[str]:
     """Write a PNG reliability diagram: mean unsafe score vs observed unsafe rate per bin, and bin counts.
@@ -176,7 +198,7 @@ def plot_reliability(frame, path: str | Path, n_bins: int = N_BINS,
     Returns:
         Notes for the report (empty unless there is nothing to draw).
     """
-    fig = _new_figure((7.5, 7.0))
+    fig = new_figure((7.5, 7.0))
     top, bottom = fig.subplots(2, 1, gridspec_kw={"height_ratios": [3, 1.3]}, sharex=True)
     top.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfect calibration")
     series = _series(frame)
@@ -206,7 +228,7 @@ def plot_reliability(frame, path: str | Path, n_bins: int = N_BINS,
     bottom.set_xticks(edges)
     bottom.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_png(fig, Path(path))
     return notes
 
 

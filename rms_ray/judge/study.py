@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from rms_ray.common.io import atomic_write, write_json_atomic, write_text_atomic
+from rms_ray.common.io import write_json_atomic, write_text_atomic
+from rms_ray.judge.report import serialised
 from rms_ray.judge.config import JudgeConfig
 
 logger = logging.getLogger("rms_ray")
@@ -81,31 +82,22 @@ def _sources(p: Path) -> frozenset[str]:
 
 
 def name_datasets(specs: list[str], what: str) -> list[Named]:
-    """Resolve dataset arguments to unique names (file stems / folder names, ``-2``, ``-3`` for repeats).
+    """Resolve dataset arguments to unique names with evaluate's one rule
+    (:func:`rms_ray.judge.evaluate.name_dataset_specs`: ``NAME=PATH`` names a set, else the file stem / folder
+    name, ``-2``, ``-3`` for repeats), plus each set's ``source`` values.
 
     Raises:
-        StudyError: no datasets, a missing path, or the same path given twice.
+        StudyError: no datasets, a missing path, a bad or repeated NAME, or the same path given twice.
     """
+    from rms_ray.judge.evaluate import EvaluateError, name_dataset_specs
+
     if not specs:
         raise StudyError(f"no {what} datasets given")
-    seen: dict[Path, str] = {}
-    names: set[str] = set()
-    out: list[Named] = []
-    for spec in specs:
-        p = Path(spec).expanduser()
-        if not p.exists():
-            raise StudyError(f"{what} dataset {spec} not found")
-        rp = p.resolve()
-        if rp in seen:
-            raise StudyError(f"{what} dataset {spec} given twice (also as {seen[rp]})")
-        seen[rp] = spec
-        base = name = _name_of(p)
-        k = 2
-        while name in names or name == BASE:
-            name, k = f"{base}-{k}", k + 1
-        names.add(name)
-        out.append(Named(name, rp, _sources(p)))
-    return out
+    try:
+        named = name_dataset_specs(specs, reserved=(BASE,))
+    except EvaluateError as e:
+        raise StudyError(f"{what} {e}") from None
+    return [Named(name, p.resolve(), _sources(p)) for name, p, _ in named]
 
 
 def own_eval_sets(train: Named, evals: list[Named]) -> list[str]:
@@ -173,14 +165,21 @@ def _evaluate(cfg: JudgeConfig, judge: str, evals: list[Named], out: Path, progr
             log(f"evaluation of {judge} already done: {done}")
             return prev
     jcfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"source": judge})})
-    return run_evaluate(jcfg, [str(e.path) for e in evals], out, progress=progress, log=log)
+    return run_evaluate(jcfg, [f"{e.name}={e.path}" for e in evals], out, progress=progress, log=log)
 
 
 def concurrency(cfg: JudgeConfig, runs: int, limit: int | None = None) -> int:
-    """How many training runs fit side by side in the cluster's CPUs/GPUs: ``floor(CPUs / (num_workers *
+    """How many study jobs (a training run, then its evaluation) go side by side: ``floor(CPUs / (num_workers *
     cpus_per_worker))`` (and GPUs / num_workers with ``use_gpu``), at least 1, at most ``runs`` and ``limit``.
-    Each run also feeds its workers through Ray Data, which needs a little CPU beside them: a run that would
-    leave none is not started beside another."""
+
+    Each run also feeds its workers through Ray Data, which needs a little CPU beside them: a run that would leave
+    none is not started beside another. And never more jobs than whole CPUs: every job runs one Ray Data
+    execution at a time (data preparation, the workers' shards, or the evaluation), and Ray Data 2.60 splits the
+    CPUs left over between concurrent executions by integer division
+    (``ray/data/_internal/cluster_autoscaler/default_autoscaling_coordinator.py``,
+    ``_refresh_resource_reservations``), so three executions on a 2-CPU cluster get a budget of 0 CPUs each and
+    stall (measured here: a compare run with two trainings and an evaluation side by side hung in data
+    preparation). On a GPU node with dozens of CPUs this bound is no constraint."""
     import ray
 
     t = cfg.train
@@ -191,6 +190,7 @@ def concurrency(cfg: JudgeConfig, runs: int, limit: int | None = None) -> int:
         fit -= 1
     if t.use_gpu:
         fit = min(fit, int(res.get("GPU", 0) // t.num_workers))
+    fit = min(fit, int(res.get("CPU", 1)))
     return max(1, min(runs, fit, limit or runs))
 
 
@@ -200,33 +200,64 @@ def _check_budget(cfg: JudgeConfig) -> None:
                          f"gives train.epochs={cfg.train.epochs}, which would give a bigger set more training)")
 
 
-def _train_all(cfg: JudgeConfig, jobs: list[dict[str, Any]], progress: bool, log: Callable[[str], None],
-               max_concurrent: int | None = None) -> list[dict[str, Any]]:
-    """Run ``run_train`` for each job dict (``name``, ``train``, ``out`` and run_train keywords), side by side
-    where resources allow (:func:`concurrency`); results in job order. One failed run fails the study (its error
-    names the run)."""
+def _train_and_evaluate(cfg: JudgeConfig, jobs: list[dict[str, Any]], evs: list[Named], progress: bool,
+                        log: Callable[[str], None], max_concurrent: int | None = None
+                        ) -> list[tuple[dict[str, Any] | None, dict[str, Any]]]:
+    """For each job dict: train a judge with ``run_train`` (``name``, ``train``, ``out`` and run_train keywords;
+    ``train_seed`` sets ``train.seed``), then evaluate it on ``evs`` into ``eval_out``. A job that gives ``judge``
+    instead of ``train`` is only evaluated (the untrained base judge).
+
+    Jobs run side by side where resources allow (:func:`concurrency`, from the training recipe's resources), and
+    a judge is evaluated as soon as it is trained, in its job's slot: one job's engine start-up and scoring
+    overlap another's training. Evaluations take turns, one at a time: an evaluation's engine actor holds its
+    CPUs while the evaluation's read tasks need more, so two evaluations can fill a small cluster with their
+    engines and then wait on each other's CPUs forever (measured on 2 CPUs: two engines held both, five read
+    tasks waited). A training never waits on anything but CPUs that a running job will release, so a full
+    cluster delays it, never deadlocks.
+
+    Returns:
+        ``(run_train result or None, metrics.json content)`` per job, in job order.
+    Raises:
+        RuntimeError: naming the job, from the first failed training or evaluation (the study stops there;
+            finished jobs are kept and a rerun skips them).
+    """
     from rms_ray.judge.train import run_train
 
-    width = concurrency(cfg, len(jobs), max_concurrent)
-    log(f"training {len(jobs)} judge(s), {width} at a time")
+    import threading
 
-    def one(job: dict[str, Any]) -> dict[str, Any]:
+    n_train = sum(1 for j in jobs if "train" in j)
+    one_evaluation = threading.Lock()
+    width = concurrency(cfg, len(jobs), max_concurrent)
+    log(f"training {n_train} judge(s) and evaluating {len(jobs)}, {width} job(s) at a time")
+
+    def one(job: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any]]:
         t0 = time.perf_counter()
-        kw = {k: v for k, v in job.items() if k not in ("name", "train", "out", "train_seed")}
-        jcfg = cfg
-        if "train_seed" in job:  # a seed of the study: the subset, the data order and new weights all change
-            jcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": job["train_seed"]})})
+        name, res = job["name"], None
+        jlog = (lambda m: log(f"[{name}] {m}")) if width > 1 else log
+        judge = job.get("judge")
+        if "train" in job:
+            kw = {k: v for k, v in job.items() if k not in ("name", "train", "out", "train_seed", "eval_out")}
+            jcfg = cfg
+            if "train_seed" in job:  # a seed of the study: the subset, the data order and new weights all change
+                jcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": job["train_seed"]})})
+            try:
+                res = run_train(jcfg, job["train"], job["out"], progress=progress and width == 1, log=jlog,
+                                run_name=name, **kw)
+            except Exception as e:
+                raise RuntimeError(f"training run {name} failed: {e}") from e
+            log(f"[{name}] trained in {time.perf_counter() - t0:.0f} s -> {res['model_dir']}")
+            judge = str(res["model_dir"])
         try:
-            res = run_train(jcfg, job["train"], job["out"], progress=progress and width == 1,
-                            log=lambda m: log(f"[{job['name']}] {m}"), run_name=job["name"], **kw)
+            with one_evaluation:
+                log(f"[{name}] evaluating {judge} on {len(evs)} eval set(s)")
+                ev = _evaluate(cfg, judge, evs, job["eval_out"], progress and width == 1, jlog)
         except Exception as e:
-            raise RuntimeError(f"training run {job['name']} failed: {e}") from e
-        log(f"[{job['name']}] trained in {time.perf_counter() - t0:.0f} s -> {res['model_dir']}")
-        return res
+            raise RuntimeError(f"evaluation of {name} ({judge}) failed: {e}") from e
+        return res, ev
 
     if width == 1:
         return [one(j) for j in jobs]
-    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="train") as pool:
+    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="study") as pool:
         return list(pool.map(one, jobs))
 
 
@@ -259,14 +290,14 @@ def run_compare(cfg: JudgeConfig, train: list[str], evals: list[str], output_dir
     out.mkdir(parents=True, exist_ok=True)
     started = init_ray(cfg.resources.ray_num_cpus, ray_address)
     try:
-        jobs = [{"name": t.name, "train": str(t.path), "out": out / "judges" / t.name} for t in trains]
-        results = _train_all(cfg, jobs, progress, log, max_concurrent)
-        rows: dict[str, dict[str, Any]] = {}
-        judges = ([(BASE, cfg.model.source)] if include_base else []) + \
-            [(t.name, str(r["model_dir"])) for t, r in zip(trains, results)]
-        for row, judge in judges:
-            log(f"evaluating {row} ({judge}) on {len(evs)} eval set(s)")
-            rows[row] = _evaluate(cfg, judge, evs, out / "evals" / row, progress, log)
+        jobs = [{"name": t.name, "train": str(t.path), "out": out / "judges" / t.name,
+                 "eval_out": out / "evals" / t.name} for t in trains]
+        if include_base:  # last: the trainings, which take longest, start first
+            jobs.append({"name": BASE, "judge": cfg.model.source, "eval_out": out / "evals" / BASE})
+        done = _train_and_evaluate(cfg, jobs, evs, progress, log, max_concurrent)
+        results = [res for res, _ in done[:len(trains)]]
+        # the base judge is the matrix's first row: the floor a dataset must beat
+        rows = {job["name"]: ev for job, (_, ev) in sorted(zip(jobs, done), key=lambda x: x[0]["name"] != BASE)}
     finally:
         if started:
             shutdown_ray()
@@ -289,6 +320,21 @@ def run_compare(cfg: JudgeConfig, train: list[str], evals: list[str], output_dir
     return matrix
 
 
+def _data_hash(p: Path) -> dict[str, str]:
+    """``{"sha256": ...}`` of a labelled file; of a construct output folder, the SHA-256 over its ``data/`` files
+    (each file's relative path and SHA-256, in name order), the rows a judge trains on."""
+    import hashlib
+
+    from rms_ray.common.io import file_sha256
+
+    if not p.is_dir():
+        return {"sha256": file_sha256(p)}
+    h = hashlib.sha256()
+    for f in sorted(q for q in (p / "data").rglob("*") if q.is_file()):
+        h.update(f"{f.relative_to(p)}\0{file_sha256(f)}\n".encode())
+    return {"sha256": h.hexdigest(), "sha256_of": "data/ files"}
+
+
 def _run_summary(r: dict[str, Any]) -> dict[str, Any]:
     keep = ("model_dir", "examples_seen", "steps", "best_val", "best_step", "resumed", "rows")
     return {k: (str(r[k]) if isinstance(r.get(k), Path) else r.get(k)) for k in keep if k in r}
@@ -302,7 +348,8 @@ def _provenance(cfg: JudgeConfig, trains: list[Named], evs: list[Named], rows: d
     return {
         "config": cfg.model_dump(mode="json"), "config_hash": cfg.config_hash(),
         "prompt_version": load_judge_prompt().version_id,
-        "train_sets": {t.name: {"path": str(t.path), "sources": sorted(t.sources)} for t in trains},
+        "train_sets": {t.name: {"path": str(t.path), "sources": sorted(t.sources), **_data_hash(t.path)}
+                       for t in trains},
         "eval_sets": {e.name: {"path": str(e.path), "sources": sorted(e.sources),
                                "sha256": any_eval.get("datasets", {}).get(e.name, {}).get("sha256")} for e in evs},
         "versions": any_eval.get("versions"), "total_s": round(seconds, 1),
@@ -352,16 +399,17 @@ def _matrix_markdown(matrix: dict[str, Any], cfg: JudgeConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
+@serialised
 def plot_heatmap(matrix: dict[str, Any], path: str | Path) -> Path:
     """PNG heatmap of the ``primary`` cells (rows = training sets, columns = eval sets, own sets hatched)."""
     import numpy as np
 
-    from rms_ray.judge.report import _new_figure
+    from rms_ray.judge.report import new_figure, save_png
 
     rows, cols = matrix["rows"], matrix["columns"]
     vals = np.array([[np.nan if matrix["cells"][r].get(c, {}).get("primary") is None
                       else matrix["cells"][r][c]["primary"] for c in cols] for r in rows], dtype=float)
-    fig = _new_figure((1.6 + 1.3 * len(cols), 1.2 + 0.55 * len(rows)))
+    fig = new_figure((1.6 + 1.3 * len(cols), 1.2 + 0.55 * len(rows)))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(np.ma.masked_invalid(vals), vmin=0, vmax=1, cmap="viridis", aspect="auto")
     for i, r in enumerate(rows):
@@ -377,7 +425,7 @@ def plot_heatmap(matrix: dict[str, Any], path: str | Path) -> Path:
     ax.set_title("F1 (recall on one-class sets)", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
-    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    return save_png(fig, Path(path))
 
 
 # -- scale-study -------------------------------------------------------------------------------------------------
@@ -443,9 +491,9 @@ def run_scale_study(cfg: JudgeConfig, train: str, sizes: list[int], seeds: int, 
         jobs = [{"name": f"n{n}-s{s}", "train": str(tr.path), "out": out / "runs" / f"n{n}-s{s}", "row_limit": n,
                  "subset_seed": cfg.train.seed + s, "train_seed": cfg.train.seed + s}
                 for s in range(seeds) for n in sizes]
-        results = _train_all(cfg, jobs, progress, log, max_concurrent)
-        for job, res in zip(jobs, results):
-            ev = _evaluate(cfg, str(res["model_dir"]), evs, job["out"] / "eval", progress, log)
+        for job in jobs:
+            job["eval_out"] = job["out"] / "eval"
+        for job, (res, ev) in zip(jobs, _train_and_evaluate(cfg, jobs, evs, progress, log, max_concurrent)):
             cells = metrics_cells(ev)
             runs.append({"name": job["name"], "size": job["row_limit"], "seed": job["subset_seed"],
                          "cells": cells, "quality": quality_score(cells, own), **_run_summary(res)})
@@ -490,11 +538,12 @@ def _scale_markdown(result: dict[str, Any], cols: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@serialised
 def plot_scale(result: dict[str, Any], cols: list[str], path: str | Path) -> Path:
     """PNG of score vs training rows (log x), error bars = std over seeds; one line per eval set + quality."""
-    from rms_ray.judge.report import _new_figure
+    from rms_ray.judge.report import new_figure, save_png
 
-    fig = _new_figure((6.4, 4.2))
+    fig = new_figure((6.4, 4.2))
     ax = fig.add_subplot(1, 1, 1)
     xs = [p["size"] for p in result["points"]]
     series = [("quality", [p["quality_mean"] for p in result["points"]], [p["quality_std"] for p in result["points"]])]
@@ -514,4 +563,4 @@ def plot_scale(result: dict[str, Any], cols: list[str], path: str | Path) -> Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))
+    return save_png(fig, Path(path))

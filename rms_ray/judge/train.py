@@ -52,6 +52,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+from rms_ray.judge.report import serialised
 from rms_ray.judge.config import JudgeConfig
 
 logger = logging.getLogger(__name__)
@@ -189,13 +190,15 @@ def _read(inputs: list[tuple[str, Any]], cfg: JudgeConfig, order_seed: int, max_
                   "dataset_index": i}
         blocks = max(1, min(200, math.ceil(d.summary.rows / 512)))
         read = ray.data.read_parquet if fmt == "parquet" else ray.data.read_text
-        parts.append(read(str(d.path), override_num_blocks=blocks).map_batches(
+        # read tasks as light as the decode tasks (Ray's default is 1 CPU; see judge/evaluate.py build_dataset)
+        parts.append(read(str(d.path), override_num_blocks=blocks, num_cpus=cfg.resources.decode_num_cpus).map_batches(
             stream_rows, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=512,
             num_cpus=cfg.resources.decode_num_cpus))
     ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     return ds.map_batches(PrepareRows, fn_constructor_kwargs={"cfg_json": cfg.model_dump_json(),
                                                               "order_seed": order_seed},
-                          concurrency=(1, max(1, max_actors)), batch_format="pyarrow", batch_size=256,
+                          compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, max_actors)),
+                          batch_format="pyarrow", batch_size=256,
                           num_cpus=cfg.resources.decode_num_cpus).materialize()
 
 
@@ -309,18 +312,15 @@ class _Watcher:
 
 
 # -- outputs ---------------------------------------------------------------------------------------------------------
+@serialised
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     """``train_curves.png``: training loss per step and the validation metrics, against examples seen."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rms_ray.common.io import atomic_write
+    from rms_ray.judge.report import new_figure, save_png
 
     steps = [h for h in history if h.get("event") == "step"]
     evals = [h for h in history if h.get("event") == "eval" and "val_loss" in h]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig = new_figure((10, 3.6))
+    a, b = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     a.plot([h["examples_seen"] for h in steps], [h["train_loss"] for h in steps], lw=1, label="train loss")
     if evals:
         a.plot([h["examples_seen"] for h in evals], [h["val_loss"] for h in evals], "o-", label="val loss")
@@ -339,8 +339,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path) -> None:
     if evals:
         b.legend()
     fig.tight_layout()
-    atomic_write(path, lambda t: fig.savefig(t, format="png", dpi=110))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def _versions() -> dict[str, str]:

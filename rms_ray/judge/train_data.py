@@ -64,10 +64,11 @@ VAL_SCORES_FILE = "val_scores.json"
 
 def target_category(label: str, category: str | None, max_chars: int) -> str:
     """The category line's value: ``none`` for safe rows; for unsafe rows the row's category reduced to the
-    characters the output constraint allows (others become spaces), cut to ``max_chars``, or ``unspecified``."""
+    characters the output constraint allows (others become spaces), cut to ``max_chars``, or ``unspecified``
+    (also for a missing category in any spelling: None, NaN, ``pandas.NA``, which has no truth value)."""
     if label != "unsafe":
         return "none"
-    text = " ".join(_CATEGORY_BAD.sub(" ", category or "").split())[:max_chars].strip()
+    text = " ".join(_CATEGORY_BAD.sub(" ", category if isinstance(category, str) else "").split())[:max_chars].strip()
     return text or "unspecified"[:max_chars]
 
 
