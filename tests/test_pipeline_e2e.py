@@ -275,13 +275,14 @@ def test_a_user_measures_the_constructed_set_against_mmsafeaware(run, shared_dat
     for row in m["rows"]:
         c = m["cells"][row]
         assert c["mms-test"]["primary_name"] == "f1" and c["figstep"]["primary_name"] == "recall"
-        assert c["figstep"]["n_unsafe"] == 12 and c["figstep"]["n_safe"] == 0
+        assert c["figstep"]["n"] == 12 and c["figstep"]["primary_ci"] is not None
     assert m["quality"]["mmsafeaware"] == m["cells"]["mmsafeaware"]["figstep"]["primary"]
     assert m["quality"]["rms"] == pytest.approx((m["cells"]["rms"]["mms-test"]["primary"]
                                                  + m["cells"]["rms"]["figstep"]["primary"]) / 2)
     assert "ranking (quality" in r.stdout and sorted(m["ranking"]) == sorted(m["rows"])
     assert (tmp_path / "cmp" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| trained on | mms-test | figstep | quality |" in (tmp_path / "cmp" / "matrix.md").read_text()
+    md = (tmp_path / "cmp" / "matrix.md").read_text()
+    assert "| trained on | mms-test | figstep | quality |" in md and "| untrained base judge |" in md
     study = json.loads((tmp_path / "cmp" / "study.json").read_text())
     assert study["train_sets"]["rms"]["sha256_of"] == "data/ files" and len(study["train_sets"]["rms"]["sha256"]) == 64
 
