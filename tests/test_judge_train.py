@@ -8,8 +8,9 @@ Two training runs of the ``judge-cpu-tiny`` profile's recipe (base ``builtin:tin
   checkpoint (not from step 0) and finishes. Held-out F1 must be well above chance, both in training-time
   validation and through the real path (the output folder loaded by vLLM in ``rms-ray evaluate``), and the two
   paths' scores must agree row by row.
-* ``interrupted`` (a 40-step run on a seeded subset of 176 rows): interrupted (SIGINT, as Ctrl-C) after its first
-  checkpoint, and the same call is made again: it says it resumes, continues from that checkpoint and finishes.
+* ``interrupted`` (a 40-step LoRA run on a seeded subset of 176 rows): interrupted (SIGINT, as Ctrl-C) after its
+  first checkpoint, and the same call is made again: it says it resumes, continues from that checkpoint and
+  finishes; the output is the PEFT adapter beside the merged model.
 
 The other half of "does it learn?", that the same recipe stays near chance when the image is blank or the query is
 empty, is checked by tests/test_judge_study.py, whose compare-datasets run trains those two ablations side by side
@@ -185,11 +186,12 @@ INTERRUPTED_STEPS = 40  # a short run of the same recipe: resuming is under test
 
 @pytest.fixture(scope="module")
 def interrupted(ray_local, tmp_path_factory):
-    """Ctrl-C after the first checkpoint, then the same call again; trained on a seeded subset of 176 rows."""
+    """Ctrl-C after the first checkpoint, then the same call again; LoRA (the GPU profiles' method: the checkpoint
+    holds the adapters and their optimiser state), trained on a seeded subset of 176 rows."""
     root = tmp_path_factory.mktemp("interrupted")
     train, val = _data(root, "normal")
     out = root / "out"
-    cfg = _cfg(**{"train.examples_seen": INTERRUPTED_STEPS * 8, "train.eval_every_steps": 10})
+    cfg = _cfg(**{"train.examples_seen": INTERRUPTED_STEPS * 8, "train.eval_every_steps": 10, "train.method": "lora"})
 
     def interrupt():  # Ctrl-C: Ray Train's handler aborts the run gracefully, keeping its checkpoints
         p = json.loads((out / "_work" / "progress.json").read_text())
@@ -215,6 +217,24 @@ def test_an_interrupted_run_resumes_when_run_again(interrupted):
     log = [json.loads(ln) for ln in (interrupted["out"] / "train_log.jsonl").read_text().splitlines()]
     assert [h["step"] for h in log if h["event"] == "step"] == list(range(1, n + 1))
     assert [(h["kind"], h["step"]) for h in log if h["event"] == "resumed"] == [("rerun", step)]
+
+
+def test_lora_output_is_the_adapter_beside_a_merged_model(interrupted):
+    from safetensors import safe_open
+
+    out = interrupted["out"]
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == interrupted["cfg"].train.lora.r
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    # LoRA matrices, plus the projector trained in full (judge-cpu-tiny: freeze_projector false -> modules_to_save)
+    assert any("lora_A" in k for k in keys) and any("lora_B" in k for k in keys)
+    assert adapter["modules_to_save"] == ["merger"]
+    assert all("lora_" in k or ".merger." in k for k in keys), [k for k in keys if "lora_" not in k][:5]
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:  # merged: the base's own parameter names
+        assert f.keys() and not any("lora_" in k or "base_layer" in k for k in f.keys())
+    meta = json.loads((out / "judge_meta.json").read_text())
+    assert meta["config"]["train"]["method"] == "lora"
 
 
 def test_a_seeded_subset_is_what_was_trained_on(interrupted):
