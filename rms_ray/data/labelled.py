@@ -89,6 +89,16 @@ def row_problem(row: dict[str, Any]) -> str | None:
     return None
 
 
+def checked_row(row: dict[str, Any], where: str | Path) -> dict[str, Any]:
+    """``row`` normalised (:func:`normalize_row`), or :class:`LabelledFormatError` naming ``where`` (a file) and
+    the row id when it breaks the format as a whole (:func:`row_problem`)."""
+    row = normalize_row(row)
+    problem = row_problem(row)
+    if problem:
+        raise LabelledFormatError(f"{where}: row id {row.get('id')!r}: {problem}")
+    return row
+
+
 def _image_path_of(value: Any) -> str | None:
     if isinstance(value, str):
         return value
@@ -312,10 +322,7 @@ class LabelledWriter:
 
     def write(self, row: dict[str, Any]) -> None:
         """Add one row (see the class docstring for ``image``)."""
-        row = normalize_row(row)
-        problem = row_problem(row)
-        if problem:
-            raise LabelledFormatError(f"{self.path}: row id {row.get('id')!r}: {problem}")
+        row = checked_row(row, self.path)
         data, ipath, err = load_row_image(row.get("image"), self.image_base)
         if err:
             raise LabelledFormatError(f"{self.path}: row id {row['id']!r}: {err}")

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rms_ray.common.io import file_sha256, write_json_atomic
-from rms_ray.data.labelled import (LabelledFormatError, LabelledWriter, iter_rows, load_row_image, normalize_row,
-                                   row_problem, write_excluded)
+from rms_ray.data.labelled import LabelledWriter, checked_row, iter_rows, load_row_image, write_excluded
 
 GROUP_BY = ("image", "id")
 SPLITS = ("train", "test")
@@ -86,17 +85,13 @@ def _split(path: Path, out_dir: Path, test_fraction: float, seed: int, group_by:
         writers = {s: stack.enter_context(LabelledWriter(out_dir / f"{s}{suffix}")) for s in SPLITS}
         for batch in iter_rows(path, batch_size=256):
             for raw in batch:
-                row = normalize_row(raw)
-                problem = row_problem(row)
-                if problem:
-                    raise LabelledFormatError(f"{path}: row id {row.get('id')!r}: {problem}")
+                row = checked_row(raw, path)  # an error names the input file, not the output being written
                 data, ipath, err = load_row_image(row.get("image"), path.parent)
                 if err:
                     excluded.append({"id": row["id"], "reason": err})
                     continue
                 key = hashlib.sha256(data).digest() if group_by == "image" else str(row["id"]).encode()
                 side = assign_split(key, test_fraction, seed)
-                # a group in both splits would mean the rule is not a function of the key: never
                 groups[side].add(key.hex())
                 writers[side].write({**row, "image": {"bytes": data, "path": ipath}})
         empty = [s for s in SPLITS if writers[s].rows == 0]

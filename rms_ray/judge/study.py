@@ -62,10 +62,6 @@ class Named:
     sources: frozenset[str]
 
 
-def _name_of(p: Path) -> str:
-    return p.resolve().name if p.is_dir() else p.name.rsplit(".", 1)[0]
-
-
 def _sources(p: Path) -> frozenset[str]:
     """Distinct values of the ``source`` column (streamed; construct output folders are one source: ``rms``)."""
     from rms_ray.data.labelled import iter_rows
